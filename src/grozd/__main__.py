@@ -1,0 +1,3 @@
+from grozd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""fleet: a distributed init system that schedules systemd units onto cluster machines."""

@@ -1,0 +1,1 @@
+"""Tests of grozd.client, the etcd v2 HTTP client, mostly against a real etcd."""
