@@ -39,7 +39,8 @@ setup(
         include_path=["cext"],
         compiler_directives=directives,
         annotate=DEBUG,
-        # A Cython error must fail the install, not leave a half-built package behind.
+        # Debug C sources go elsewhere so they never stand in for the optimised ones.
+        build_dir="build/debug/c" if DEBUG else None,
         force=DEBUG,
     ),
 )
