@@ -1,0 +1,656 @@
+"""A Raft member: drives the pure core with real time, disk and network, on one event loop.
+
+Each loop turn's worth of work becomes one Ready: one WAL append and one fdatasync for all of it
+(group commit), then the messages, then the committed entries applied to the state machine and
+the waiting proposals answered. A leader sends before its own fsync completes; the core counts the
+leader's copy only once it is persisted, so that is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import msgpack
+
+from grozd.raft.core import (
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    MemoryStorage,
+    Message,
+    ProposalDroppedError,
+    Raft,
+    Ready,
+    Role,
+    Snapshot,
+)
+from grozd.raft.snapshot import SnapshotStore
+from grozd.raft.transport import Transport, fetch_cluster_id
+from grozd.raft.wal import WAL, WALWriteError
+
+log = logging.getLogger("grozd.raft.node")
+
+_ENVELOPE = struct.Struct(">QQ")  # proposing member, its sequence number; then the payload
+
+
+class StateMachine(Protocol):
+    """What the node replicates: deterministic, fed only committed entries."""
+
+    def apply(self, index: int, data: bytes) -> object: ...
+
+    def snapshot(self) -> bytes: ...
+
+    def restore(self, data: bytes) -> None: ...
+
+
+class NodeError(Exception):
+    """A proposal or read that did not complete; the message says why and what to do."""
+
+
+class NoLeaderError(NodeError):
+    pass
+
+
+class ProposalTimeoutError(NodeError):
+    pass
+
+
+class StoppedError(NodeError):
+    pass
+
+
+class StorageFailedError(NodeError):
+    pass
+
+
+class DataDirMismatchError(Exception):
+    """The flags describe a different member or cluster than the data dir holds."""
+
+
+def member_id_for(peer_urls: list[str], token: str) -> int:
+    """Member IDs derive from the peer URLs and the cluster token, as in etcd."""
+    digest = hashlib.sha1(("".join(sorted(peer_urls)) + token).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def cluster_id_for(member_ids: list[int]) -> int:
+    digest = hashlib.sha1(b"".join(i.to_bytes(8, "big") for i in sorted(member_ids))).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+@dataclass
+class Member:
+    id: int
+    name: str
+    peer_urls: list[str]
+    client_urls: list[str] = field(default_factory=list)
+    learner: bool = False
+
+    def context(self, request: tuple[int, int] = (0, 0)) -> bytes:
+        return json.dumps({"name": self.name, "peerURLs": self.peer_urls,
+                           "clientURLs": self.client_urls, "request": list(request)}).encode()
+
+
+@dataclass
+class NodeConfig:
+    name: str = "default"
+    data_dir: Path = Path("default.grozd")
+    wal_dir: Path | None = None
+    listen_peer_urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:2380"])
+    initial_advertise_peer_urls: list[str] = field(
+        default_factory=lambda: ["http://127.0.0.1:2380"])
+    client_urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])
+    initial_cluster: dict[str, list[str]] = field(default_factory=dict)  # name -> peer URLs
+    initial_cluster_state: str = "new"
+    initial_cluster_token: str = "etcd-cluster"
+    heartbeat_interval_ms: int = 100
+    election_timeout_ms: int = 1000
+    snapshot_count: int = 10000
+    max_snapshots: int = 5
+    max_wals: int = 5
+    request_timeout: float = 7.0
+    snapshot_catchup_entries: int = 5000  # entries kept behind a snapshot for slow followers
+    seed: int | None = None  # for the election-timeout generator; None: from os.urandom
+
+    def members(self) -> list[Member]:
+        cluster = self.initial_cluster or {self.name: self.initial_advertise_peer_urls}
+        return [Member(member_id_for(urls, self.initial_cluster_token), name, list(urls))
+                for name, urls in sorted(cluster.items())]
+
+    @property
+    def member_id(self) -> int:
+        return member_id_for(self.initial_advertise_peer_urls, self.initial_cluster_token)
+
+
+class RaftNode:
+    """One member of a cluster. `await start()`, then propose, read, change membership."""
+
+    def __init__(self, config: NodeConfig, fsm: StateMachine,
+                 on_conf_change: Callable[[dict[int, Member]], None] | None = None) -> None:
+        self.config = config
+        self.fsm = fsm
+        self.on_conf_change = on_conf_change
+        self.id = config.member_id
+        self.cluster_id = 0
+        self.members: dict[int, Member] = {}
+        self.core: Raft | None = None
+        self.storage = MemoryStorage()
+        self.wal: WAL | None = None
+        self.snapshots: SnapshotStore | None = None
+        self.transport: Transport | None = None
+        self.applied = 0
+        self.snapshot_index = 0
+        self.seq = 0
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.reads: dict[bytes, asyncio.Future] = {}
+        self.applied_waiters: list[tuple[int, asyncio.Future]] = []
+        self.leader_changed = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.storage_error: str | None = None
+        self.processing = False
+        self.process_scheduled = False
+        self.ticker: asyncio.TimerHandle | None = None
+        self.stats = {"fsyncs": 0, "proposals": 0, "entries_applied": 0, "leader_changes": 0,
+                      "snapshots": 0, "readies": 0}
+        self.removed = False
+        self.force_snapshot = False
+
+    # ---- start-up ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        member_dir = Path(cfg.data_dir) / "member"
+        wal_dir = Path(cfg.wal_dir) if cfg.wal_dir else member_dir / "wal"
+        self.snapshots = SnapshotStore(member_dir / "snap", keep=cfg.max_snapshots)
+        rng = random.Random(cfg.seed if cfg.seed is not None else os.urandom(8))
+        election_tick = max(2, cfg.election_timeout_ms // cfg.heartbeat_interval_ms)
+        if WAL.exists(wal_dir):
+            applied = await asyncio.to_thread(self.recover, wal_dir)
+        else:
+            if cfg.initial_cluster_state == "existing":
+                others = [u for m in cfg.members() if m.id != self.id for u in m.peer_urls]
+                try:
+                    self.cluster_id = await fetch_cluster_id(self.id, others)
+                except ConnectionError as e:
+                    raise NodeError(f"cannot join with --initial-cluster-state existing: {e}")\
+                        from None
+            applied = await asyncio.to_thread(self.bootstrap, wal_dir)
+        self.core = Raft(self.id, self.storage, rng, election_tick=election_tick,
+                         heartbeat_tick=1, applied=applied)
+        self.transport = Transport(self.id, self.cluster_id, self.on_message,
+                                   self.on_unreachable, self.on_snapshot_status)
+        await self.transport.listen(cfg.listen_peer_urls)
+        self.sync_peers()
+        loop = asyncio.get_running_loop()
+        self.ticker = loop.call_later(cfg.heartbeat_interval_ms / 1000, self.tick)
+        log.info("event=member_started name=%s member=%x cluster=%x applied=%d", cfg.name,
+                 self.id, self.cluster_id, applied)
+        self.schedule()
+
+    def bootstrap(self, wal_dir: Path) -> int:
+        cfg = self.config
+        members = cfg.members()
+        ids = [m.id for m in members]
+        if self.id not in ids:
+            raise DataDirMismatchError(
+                f"--initial-advertise-peer-urls {cfg.initial_advertise_peer_urls} are not the"
+                f" peer URLs of {cfg.name!r} in --initial-cluster")
+        if not self.cluster_id:
+            self.cluster_id = cluster_id_for(ids)
+        meta = msgpack.packb({"member": self.id, "cluster": self.cluster_id, "name": cfg.name})
+        self.wal = WAL.create(wal_dir, meta)
+        if cfg.initial_cluster_state == "new":
+            # Every founding member writes the same configuration entries, so logs agree.
+            entries = [
+                Entry(1, i + 1, ConfChange(ConfChangeType.ADD_NODE, m.id, m.context()).encode(),
+                      EntryType.CONF_CHANGE)
+                for i, m in enumerate(members)
+            ]
+            hs = HardState(1, 0, len(entries))
+            self.wal.save(hs, entries)
+            self.storage.append(entries)
+            self.storage.set_hard_state(hs)
+        for m in members:
+            self.members[m.id] = m
+        return 0
+
+    def recover(self, wal_dir: Path) -> int:
+        wal, rec = WAL.open(wal_dir)
+        self.wal = wal
+        if rec.repaired:
+            log.warning("event=wal_repaired detail=%r", rec.repaired)
+        meta = msgpack.unpackb(rec.metadata)
+        if meta["member"] != self.id:
+            raise DataDirMismatchError(
+                f"the data dir {self.config.data_dir} belongs to member {meta['member']:x}"
+                f" ({meta.get('name')!r}), but --initial-advertise-peer-urls"
+                f" {self.config.initial_advertise_peer_urls} and --initial-cluster-token"
+                f" {self.config.initial_cluster_token!r} give member {self.id:x}")
+        self.cluster_id = meta["cluster"]
+        # The WAL's marker is authoritative: a snapshot file it does not name was not finished.
+        snap = self.snapshots.load(rec.snapshot.index) if rec.snapshot is not None else None
+        applied = 0
+        if snap is not None:
+            self.storage.apply_snapshot(snap)
+            self.restore_state(snap.data)
+            applied = snap.index
+        else:
+            self.members = {m.id: m for m in self.config.members()}
+        self.storage.append([e for e in rec.entries if e.index > applied])
+        if rec.hard_state is not None:
+            self.storage.set_hard_state(rec.hard_state)
+        self.applied = applied
+        self.snapshot_index = applied
+        return applied
+
+    # ---- snapshots of the node's own state ---------------------------------------------------
+
+    def snapshot_state(self) -> bytes:
+        members = [[m.id, m.name, m.peer_urls, m.client_urls, m.learner]
+                   for m in self.members.values()]
+        return msgpack.packb({"members": members, "fsm": self.fsm.snapshot()}, use_bin_type=True)
+
+    def restore_state(self, data: bytes) -> None:
+        state = msgpack.unpackb(data, raw=False)
+        self.members = {m[0]: Member(m[0], m[1], m[2], m[3], m[4]) for m in state["members"]}
+        self.fsm.restore(state["fsm"])
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.core.tick()
+        self.ticker = asyncio.get_running_loop().call_later(
+            self.config.heartbeat_interval_ms / 1000, self.tick)
+        self.schedule()
+
+    def on_message(self, m: Message) -> None:
+        if self.core is None or self.stopped.is_set():
+            return
+        try:
+            self.core.step(m)
+        except Exception:
+            log.exception("event=step_failed from=%x type=%d", m.frm, m.type)
+            return
+        self.schedule()
+
+    def on_unreachable(self, peer: int) -> None:
+        if self.core is not None:
+            self.core.report_unreachable(peer)
+
+    def on_snapshot_status(self, peer: int, failed: bool) -> None:
+        if self.core is not None:
+            self.core.report_snapshot(peer, failed)
+            self.schedule()
+
+    # ---- the Ready pipeline ---------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        """Process readies at the end of this loop turn: everything that arrives in the turn is
+        one batch, one fsync."""
+        if not self.process_scheduled and not self.processing:
+            self.process_scheduled = True
+            asyncio.get_running_loop().call_soon(self.spawn_process)
+
+    def spawn_process(self) -> None:
+        self.process_scheduled = False
+        if not self.processing:
+            self.processing = True
+            asyncio.get_running_loop().create_task(self.process())
+
+    async def process(self) -> None:
+        try:
+            while self.core.has_ready() and not self.stopped.is_set():
+                await self.handle_ready(self.core.ready())
+        except Exception:
+            log.exception("event=ready_failed member=%x", self.id)
+            raise
+        finally:
+            self.processing = False
+
+    async def handle_ready(self, rd: Ready) -> None:
+        self.stats["readies"] += 1
+        core = self.core
+        leader_sends_early = core.role == Role.LEADER
+        if leader_sends_early:
+            self.transport.send(rd.messages)
+        if rd.snapshot is not None:
+            await asyncio.to_thread(self.write_received_snapshot, rd.snapshot)
+            self.install_snapshot(rd.snapshot)
+        if rd.hard_state is not None or rd.entries:
+            await self.persist(rd)
+        if rd.entries:
+            self.storage.append(rd.entries)
+        if rd.hard_state is not None:
+            self.storage.set_hard_state(rd.hard_state)
+        if not leader_sends_early:
+            self.transport.send(rd.messages)
+        if rd.soft_state is not None:
+            self.on_soft_state(rd.soft_state.leader, rd.soft_state.role)
+        self.apply(rd)
+        for rs in rd.read_states:
+            fut = self.reads.pop(rs.context, None)
+            if fut is not None and not fut.done():
+                fut.set_result(rs.index)
+        core.advance()
+        if self.removed:
+            await self.stop()
+            return
+        await self.maybe_snapshot()
+
+    async def persist(self, rd: Ready) -> None:
+        """Write the batch to the WAL; on a disk error, fail this member's proposals in it and
+        retry until the disk takes it (the core cannot move on without it)."""
+        delay = 0.05
+        while True:
+            try:
+                await asyncio.to_thread(self.wal.save, rd.hard_state, rd.entries)
+                self.stats["fsyncs"] += 1
+                if self.storage_error is not None:
+                    log.warning("event=wal_write_recovered member=%x", self.id)
+                self.storage_error = None
+                return
+            except WALWriteError as e:
+                if self.storage_error is None:
+                    log.error("event=wal_write_failed member=%x error=%r", self.id, str(e))
+                self.storage_error = str(e)
+                self.fail_proposals(rd.entries, StorageFailedError(
+                    f"write-ahead log write failed ({e}); the proposal was not applied here"
+                    " and may still be applied by the cluster"))
+            if self.stopped.is_set():
+                raise StoppedError("member stopped")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def fail_proposals(self, entries: list[Entry], error: Exception) -> None:
+        for e in entries:
+            if e.type == EntryType.NORMAL and len(e.data) >= _ENVELOPE.size:
+                member, seq = _ENVELOPE.unpack_from(e.data)
+                if member == self.id:
+                    fut = self.waiting.pop(seq, None)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(error)
+
+    def write_received_snapshot(self, snap: Snapshot) -> None:
+        self.snapshots.save(snap)
+        self.wal.save_snapshot(snap.index, snap.term)
+
+    def install_snapshot(self, snap: Snapshot) -> None:
+        """On the loop thread: the state machine is never touched from another thread."""
+        self.storage.apply_snapshot(snap)
+        self.restore_state(snap.data)
+        self.applied = snap.index
+        self.snapshot_index = snap.index
+        self.sync_peers()
+        log.info("event=snapshot_restored member=%x index=%d", self.id, snap.index)
+
+    def on_soft_state(self, leader: int, role: int) -> None:
+        self.stats["leader_changes"] += 1
+        log.info("event=leader_changed member=%x leader=%x term=%d role=%s", self.id, leader,
+                 self.core.term, Role(role).name)
+        self.leader_changed.set()
+        self.leader_changed = asyncio.Event()
+
+    def apply(self, rd: Ready) -> None:
+        for e in rd.committed_entries:
+            if e.index <= self.applied:
+                continue
+            if e.type == EntryType.CONF_CHANGE:
+                self.apply_conf_change(ConfChange.decode(e.data))
+            elif len(e.data) >= _ENVELOPE.size:
+                member, seq = _ENVELOPE.unpack_from(e.data)
+                result = self.fsm.apply(e.index, e.data[_ENVELOPE.size:])
+                if member == self.id:
+                    fut = self.waiting.pop(seq, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(result)
+            self.applied = e.index
+            self.stats["entries_applied"] += 1
+        if rd.committed_entries and self.applied_waiters:
+            ready = [w for w in self.applied_waiters if w[0] <= self.applied]
+            self.applied_waiters = [w for w in self.applied_waiters if w[0] > self.applied]
+            for _, fut in ready:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def apply_conf_change(self, cc: ConfChange) -> None:
+        try:
+            info = json.loads(cc.context or b"{}")
+        except ValueError:
+            info = {}
+        request = tuple(info.get("request", (0, 0)))
+        if cc.type == ConfChangeType.REMOVE_NODE:
+            self.members.pop(cc.node_id, None)
+            log.info("event=member_removed member=%x removed=%x", self.id, cc.node_id)
+            if cc.node_id == self.id:
+                self.removed = True
+        else:
+            old = self.members.get(cc.node_id)
+            learner = cc.type == ConfChangeType.ADD_LEARNER
+            self.members[cc.node_id] = Member(
+                cc.node_id, info.get("name") or (old.name if old else ""),
+                info.get("peerURLs") or (old.peer_urls if old else []),
+                info.get("clientURLs") or (old.client_urls if old else []), learner)
+            log.info("event=member_added member=%x added=%x learner=%s", self.id, cc.node_id,
+                     learner)
+            if old is None:
+                # A joining member refuses a snapshot of a configuration without itself: take
+                # one now, so the snapshot it may need already names it.
+                self.force_snapshot = True
+        self.sync_peers()
+        if request[0] == self.id:
+            fut = self.waiting.pop(request[1], None)
+            if fut is not None and not fut.done():
+                fut.set_result(cc.node_id)
+        if self.on_conf_change is not None:
+            self.on_conf_change(dict(self.members))
+
+    def sync_peers(self) -> None:
+        if self.transport is None:
+            return
+        for m in self.members.values():
+            self.transport.set_peer(m.id, m.peer_urls)
+        for peer in list(self.transport.peers):
+            if peer not in self.members:
+                asyncio.get_running_loop().create_task(self.transport.remove_peer(peer))
+
+    async def maybe_snapshot(self) -> None:
+        due = self.applied - self.snapshot_index >= self.config.snapshot_count
+        if not due and not (self.force_snapshot and self.applied > self.snapshot_index):
+            return
+        self.force_snapshot = False
+        index = self.applied
+        snap = self.storage.create_snapshot(index, self.core.conf_state(), self.snapshot_state())
+        self.snapshot_index = index
+        await asyncio.to_thread(self.write_snapshot, snap)
+        compact_to = index - self.config.snapshot_catchup_entries
+        if compact_to >= self.storage.first_index():
+            self.storage.compact(compact_to)
+        self.stats["snapshots"] += 1
+
+    def write_snapshot(self, snap: Snapshot) -> None:
+        self.snapshots.save(snap)
+        self.wal.save_snapshot(snap.index, snap.term)
+        self.wal.release_to(max(0, snap.index - self.config.snapshot_catchup_entries))
+        log.info("event=snapshot_saved member=%x index=%d", self.id, snap.index)
+
+    # ---- the API above -----------------------------------------------------------------------
+
+    @property
+    def leader(self) -> int:
+        return self.core.lead if self.core is not None else 0
+
+    @property
+    def is_leader(self) -> bool:
+        return self.core is not None and self.core.role == Role.LEADER
+
+    @property
+    def term(self) -> int:
+        return self.core.term if self.core is not None else 0
+
+    async def _until(self, deadline: float, what: str) -> None:
+        """Wait for a leader to appear, or give up at the deadline."""
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise NoLeaderError(f"{what}: no leader (an election is under way or a majority"
+                                " of members is unreachable); retry later")
+        try:
+            await asyncio.wait_for(self.leader_changed.wait(), min(remaining, 0.05))
+        except TimeoutError:
+            pass
+
+    async def propose(self, payload: bytes, timeout: float | None = None) -> object:
+        """Replicate payload and return what the state machine's apply() gave for it."""
+        if self.stopped.is_set():
+            raise StoppedError("member stopped")
+        if self.storage_error is not None:
+            raise StorageFailedError(f"write-ahead log is failing ({self.storage_error});"
+                                     " free disk space on this member")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.config.request_timeout)
+        self.seq += 1
+        seq = self.seq
+        fut = loop.create_future()
+        self.waiting[seq] = fut
+        data = _ENVELOPE.pack(self.id, seq) + payload
+        self.stats["proposals"] += 1
+        try:
+            while True:
+                try:
+                    self.core.propose(data)
+                    break
+                except ProposalDroppedError:
+                    await self._until(deadline, "proposal")
+            self.schedule()
+            return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise ProposalTimeoutError(
+                "proposal timed out (leader lost or overloaded); it may or may not have been"
+                " applied") from None
+        finally:
+            self.waiting.pop(seq, None)
+
+    async def read_index(self, timeout: float | None = None) -> int:
+        """A linearizable read point: returns once this member has applied up to it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.config.request_timeout)
+        while True:
+            self.seq += 1
+            ctx = _ENVELOPE.pack(self.id, self.seq)
+            fut = loop.create_future()
+            self.reads[ctx] = fut
+            try:
+                self.core.read_index(ctx)
+                self.schedule()
+                # A read lost with a leader change is simply asked again.
+                index = await asyncio.wait_for(
+                    fut, max(0.0, min(deadline - loop.time(),
+                                      self.config.election_timeout_ms / 1000)))
+                break
+            except ProposalDroppedError:
+                await self._until(deadline, "read")
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    raise ProposalTimeoutError("linearizable read timed out") from None
+            finally:
+                self.reads.pop(ctx, None)
+        await self.wait_applied(index, deadline)
+        return index
+
+    async def wait_applied(self, index: int, deadline: float) -> None:
+        if self.applied >= index:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.applied_waiters.append((index, fut))
+        try:
+            await asyncio.wait_for(fut, max(0.0, deadline - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            raise ProposalTimeoutError(f"member did not apply up to {index} in time") from None
+
+    async def change_membership(self, cc_type: int, node_id: int, member: Member | None = None,
+                                timeout: float | None = None) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.config.request_timeout)
+        self.seq += 1
+        seq = self.seq
+        fut = loop.create_future()
+        self.waiting[seq] = fut
+        context = member.context((self.id, seq)) if member else json.dumps(
+            {"request": [self.id, seq]}).encode()
+        try:
+            while True:
+                try:
+                    self.core.propose_conf_change(ConfChange(cc_type, node_id, context))
+                    break
+                except ProposalDroppedError as e:
+                    if "pending" in str(e):
+                        raise NodeError("another membership change is still being applied;"
+                                        " retry in a moment") from None
+                    await self._until(deadline, "membership change")
+            self.schedule()
+            return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise ProposalTimeoutError("membership change timed out") from None
+        finally:
+            self.waiting.pop(seq, None)
+
+    async def add_member(self, peer_urls: list[str], name: str = "",
+                         learner: bool = False) -> Member:
+        mid = member_id_for(peer_urls, self.config.initial_cluster_token)
+        if mid in self.members:
+            raise NodeError(f"peer URLs {peer_urls} already belong to member {mid:x}")
+        member = Member(mid, name, list(peer_urls), [], learner)
+        kind = ConfChangeType.ADD_LEARNER if learner else ConfChangeType.ADD_NODE
+        await self.change_membership(kind, mid, member)
+        return self.members.get(mid, member)
+
+    async def promote_member(self, member_id: int) -> None:
+        m = self.members.get(member_id)
+        if m is None or not m.learner:
+            raise NodeError(f"member {member_id:x} is not a learner")
+        await self.change_membership(ConfChangeType.ADD_NODE, member_id, m)
+
+    async def remove_member(self, member_id: int) -> None:
+        if member_id not in self.members:
+            raise NodeError(f"member {member_id:x} is not in the cluster")
+        await self.change_membership(ConfChangeType.REMOVE_NODE, member_id)
+
+    def status(self) -> dict:
+        core = self.core
+        return {"id": self.id, "cluster": self.cluster_id, "leader": core.lead, "term": core.term,
+                "role": Role(core.role).name, "commit": core.committed, "applied": self.applied,
+                "conf": ConfState(core.conf_state().voters, core.conf_state().learners),
+                **self.stats}
+
+    async def stop(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        if self.ticker is not None:
+            self.ticker.cancel()
+        for fut in list(self.waiting.values()) + list(self.reads.values()):
+            if not fut.done():
+                fut.set_exception(StoppedError("member stopped"))
+        for _, fut in self.applied_waiters:
+            if not fut.done():
+                fut.set_exception(StoppedError("member stopped"))
+        if self.transport is not None:
+            await self.transport.stop()
+        if self.wal is not None:
+            self.wal.close()
+        log.info("event=member_stopped member=%x", self.id)

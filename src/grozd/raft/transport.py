@@ -1,0 +1,325 @@
+"""Peer transport: one persistent TCP stream to each peer, length-prefixed frames.
+
+A frame is `length (u32 BE) | kind (u8) | body`. Each connection opens with a HELLO naming the
+cluster and both members, so a member refuses traffic from another cluster (a different
+--initial-cluster-token) and says why. Raft messages use the core's wire codec; a snapshot is
+streamed in chunks ahead of its message. Writes are batched: everything queued for a peer goes
+out in one write. Lost messages are fine (Raft retransmits); the core hears of unreachable peers
+and of snapshots that could not be sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import msgpack
+
+from grozd.raft.codec import CodecError, decode_message, encode_message
+from grozd.raft.core import Message, MessageType, Snapshot
+
+log = logging.getLogger("grozd.raft.transport")
+
+PROTOCOL = 1
+HELLO, MESSAGE, SNAP_CHUNK, SNAP_END, REFUSE = range(5)
+MAX_FRAME = 16 * 1024 * 1024
+SNAP_CHUNK_BYTES = 1024 * 1024
+MAX_QUEUE = 8192  # frames waiting for one peer; beyond it messages are dropped like a lossy link
+_HEADER = struct.Struct(">IB")
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    """host and port of an http://host:port peer or client URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "tcp") or not parts.hostname or not parts.port:
+        raise ValueError(f"expected a URL like http://127.0.0.1:2380, got {url!r}")
+    return parts.hostname, parts.port
+
+
+def frame(kind: int, body: bytes) -> bytes:
+    return _HEADER.pack(len(body) + 1, kind) + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    length, kind = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    if length < 1 or length > MAX_FRAME:
+        raise ValueError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
+    return kind, await reader.readexactly(length - 1)
+
+
+def cluster_query(kind: int, body: bytes) -> int | None:
+    """A hello with cluster and target 0 asks which cluster this is (a member joining it)."""
+    if kind != HELLO:
+        return None
+    try:
+        version, cluster_id, from_id, to_id = msgpack.unpackb(body)
+    except Exception:
+        return None
+    return from_id if version == PROTOCOL and cluster_id == 0 and to_id == 0 else None
+
+
+async def fetch_cluster_id(member_id: int, urls: list[str], timeout: float = 2.0) -> int:
+    """Ask existing members which cluster they form (what a joining member must belong to)."""
+    errors = []
+    for url in urls:
+        writer = None
+        try:
+            host, port = parse_url(url)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            writer.write(frame(HELLO, msgpack.packb([PROTOCOL, 0, member_id, 0])))
+            kind, body = await asyncio.wait_for(read_frame(reader), timeout)
+            version, cluster_id, _, _ = msgpack.unpackb(body)
+            if kind == HELLO and version == PROTOCOL and cluster_id:
+                return cluster_id
+            errors.append(f"{url}: unexpected answer")
+        except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as e:
+            errors.append(f"{url}: {e or type(e).__name__}")
+        finally:
+            if writer is not None:
+                writer.close()
+    raise ConnectionError("could not reach any existing member to join its cluster ("
+                          + "; ".join(errors) + ")")
+
+
+class PeerSender:
+    """The outgoing stream to one peer: a queue, a writer task, reconnection with backoff."""
+
+    def __init__(self, transport: Transport, peer_id: int, urls: list[str]) -> None:
+        self.transport = transport
+        self.peer_id = peer_id
+        self.urls = urls
+        self.queue: deque[tuple[bytes, int]] = deque()  # (frame bytes, snapshot target or 0)
+        self.wakeup = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self.run())
+        self.connected = False
+
+    def enqueue(self, data: bytes, snapshot_to: int = 0) -> bool:
+        if len(self.queue) >= MAX_QUEUE:
+            return False
+        self.queue.append((data, snapshot_to))
+        self.wakeup.set()
+        return True
+
+    async def run(self) -> None:
+        backoff = 0.05
+        attempt = 0
+        while True:
+            url = self.urls[attempt % len(self.urls)]
+            attempt += 1
+            writer = None
+            try:
+                host, port = parse_url(url)
+                reader, writer = await asyncio.open_connection(host, port)
+                hello = msgpack.packb([PROTOCOL, self.transport.cluster_id,
+                                       self.transport.member_id, self.peer_id])
+                writer.write(frame(HELLO, hello))
+                refused = asyncio.get_running_loop().create_task(self.watch_refusal(reader))
+                self.connected = True
+                backoff = 0.05
+                try:
+                    await self.pump(writer, refused)
+                finally:
+                    refused.cancel()
+            except asyncio.CancelledError:
+                if writer is not None:
+                    writer.close()
+                raise
+            except (OSError, ValueError, asyncio.IncompleteReadError, ConnectionError) as e:
+                log.debug("event=peer_send_failed peer=%x url=%s error=%s", self.peer_id, url, e)
+            if writer is not None:
+                writer.close()
+            self.connected = False
+            self.fail_queued()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def pump(self, writer: asyncio.StreamWriter, refused: asyncio.Task) -> None:
+        while not refused.done():
+            if not self.queue:
+                self.wakeup.clear()
+                waiter = asyncio.ensure_future(self.wakeup.wait())
+                await asyncio.wait([waiter, refused], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                continue
+            batch = list(self.queue)
+            self.queue.clear()
+            writer.write(b"".join(data for data, _ in batch))
+            await writer.drain()
+            for _, snapshot_to in batch:
+                if snapshot_to:
+                    self.transport.on_snapshot_status(snapshot_to, False)
+        raise ConnectionError(refused.result() or "peer closed the connection")
+
+    async def watch_refusal(self, reader: asyncio.StreamReader) -> str:
+        """The peer only ever writes a REFUSE frame on this stream, then closes it."""
+        try:
+            kind, body = await read_frame(reader)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            return ""
+        if kind == REFUSE:
+            reason = body.decode("utf-8", "replace")
+            log.error("event=peer_refused_us peer=%x reason=%r", self.peer_id, reason)
+            return reason
+        return ""
+
+    def fail_queued(self) -> None:
+        lost = list(self.queue)
+        self.queue.clear()
+        self.transport.on_unreachable(self.peer_id)
+        for _, snapshot_to in lost:
+            if snapshot_to:
+                self.transport.on_snapshot_status(snapshot_to, True)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        try:
+            await self.task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+class Transport:
+    """Sends the core's messages to peers and hands it theirs."""
+
+    def __init__(self, member_id: int, cluster_id: int,
+                 on_message: Callable[[Message], None],
+                 on_unreachable: Callable[[int], None],
+                 on_snapshot_status: Callable[[int, bool], None]) -> None:
+        self.member_id = member_id
+        self.cluster_id = cluster_id
+        self.on_message = on_message
+        self.on_unreachable = on_unreachable
+        self.on_snapshot_status = on_snapshot_status
+        self.peers: dict[int, PeerSender] = {}
+        self.servers: list[asyncio.AbstractServer] = []
+        self.connections: set[asyncio.StreamWriter] = set()
+        self.frames_sent = 0
+        self.frames_received = 0
+
+    async def listen(self, urls: list[str]) -> None:
+        for url in urls:
+            host, port = parse_url(url)
+            self.servers.append(await asyncio.start_server(self.serve, host, port,
+                                                           reuse_address=True))
+
+    def set_peer(self, peer_id: int, urls: list[str]) -> None:
+        if peer_id == self.member_id or not urls:
+            return
+        sender = self.peers.get(peer_id)
+        if sender is None:
+            self.peers[peer_id] = PeerSender(self, peer_id, list(urls))
+        else:
+            sender.urls = list(urls)
+
+    async def remove_peer(self, peer_id: int) -> None:
+        sender = self.peers.pop(peer_id, None)
+        if sender is not None:
+            await sender.stop()
+
+    def send(self, messages: list[Message]) -> None:
+        for m in messages:
+            sender = self.peers.get(m.to)
+            if sender is None:
+                continue
+            self.frames_sent += 1
+            if m.type == MessageType.SNAP and m.snapshot is not None:
+                ok = self.enqueue_snapshot(sender, m)
+            else:
+                ok = sender.enqueue(frame(MESSAGE, encode_message(m)))
+            if not ok:
+                self.on_unreachable(m.to)
+
+    def enqueue_snapshot(self, sender: PeerSender, m: Message) -> bool:
+        data = m.snapshot.data
+        for start in range(0, len(data), SNAP_CHUNK_BYTES):
+            if not sender.enqueue(frame(SNAP_CHUNK, data[start:start + SNAP_CHUNK_BYTES])):
+                self.on_snapshot_status(m.to, True)
+                return False
+        head = m.copy()
+        s = m.snapshot
+        head.snapshot = Snapshot(s.index, s.term, s.conf_state, b"")
+        if not sender.enqueue(frame(SNAP_END, encode_message(head)), snapshot_to=m.to):
+            self.on_snapshot_status(m.to, True)
+            return False
+        return True
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections.add(writer)
+        peer = writer.get_extra_info("peername")
+        chunks: list[bytes] = []
+        try:
+            kind, body = await read_frame(reader)
+            query = cluster_query(kind, body)
+            if query is not None:
+                await self.answer_cluster_query(writer, query)
+                return
+            refusal = self.check_hello(kind, body)
+            if refusal:
+                log.warning("event=peer_refused remote=%s reason=%r", peer, refusal)
+                writer.write(frame(REFUSE, refusal.encode()))
+                await writer.drain()
+                return
+            while True:
+                kind, body = await read_frame(reader)
+                if kind == MESSAGE:
+                    m = decode_message(body)
+                elif kind == SNAP_CHUNK:
+                    chunks.append(body)
+                    continue
+                elif kind == SNAP_END:
+                    m = decode_message(body)
+                    if m.snapshot is None:
+                        raise CodecError("snapshot end without a snapshot")
+                    s = m.snapshot
+                    m.snapshot = Snapshot(s.index, s.term, s.conf_state, b"".join(chunks))
+                    chunks = []
+                else:
+                    raise CodecError(f"unexpected frame kind {kind}")
+                if m.to != self.member_id:
+                    raise CodecError(f"message for member {m.to:x} reached {self.member_id:x}")
+                self.frames_received += 1
+                self.on_message(m)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except (CodecError, ValueError) as e:
+            log.warning("event=peer_stream_error remote=%s error=%r", peer, str(e))
+        finally:
+            self.connections.discard(writer)
+            writer.close()
+
+    async def answer_cluster_query(self, writer: asyncio.StreamWriter, from_id: int) -> None:
+        writer.write(frame(HELLO, msgpack.packb([PROTOCOL, self.cluster_id, self.member_id,
+                                                 from_id])))
+        await writer.drain()
+
+    def check_hello(self, kind: int, body: bytes) -> str:
+        if kind != HELLO:
+            return "expected a hello frame first"
+        try:
+            version, cluster_id, from_id, to_id = msgpack.unpackb(body)
+        except Exception:
+            return "malformed hello"
+        if version != PROTOCOL:
+            return f"peer protocol {version} is not {PROTOCOL}"
+        if cluster_id != self.cluster_id:
+            return (f"member {from_id:x} belongs to cluster {cluster_id:x}, this is cluster"
+                    f" {self.cluster_id:x} (a different --initial-cluster-token?)")
+        if to_id != self.member_id:
+            return f"this is member {self.member_id:x}, not {to_id:x}"
+        return ""
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for writer in list(self.connections):
+            writer.close()
+        for sender in list(self.peers.values()):
+            await sender.stop()
+        self.peers.clear()
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers.clear()

@@ -1,0 +1,185 @@
+"""Members on loopback with real WALs and TCP: election, replication, restart, group commit,
+linearizable reads, membership, snapshots, and refusals of foreign clusters and data dirs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from grozd.raft.core import Message, MessageType
+from grozd.raft.node import DataDirMismatchError, NodeConfig, RaftNode
+from tests.node.cluster import KV, LocalCluster, put
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_three_members_replicate_through_any_member(tmp_path: Path) -> None:
+    async def main() -> None:
+        c = LocalCluster(tmp_path)
+        await c.start_all()
+        try:
+            await c.leader()
+            last = 0
+            for i, node in enumerate(c.nodes.values()):
+                last = await node.propose(put(f"k{i}", f"v{i}"))
+            await c.converge(last)
+            for node in c.nodes.values():
+                assert node.fsm.data == {"k0": "v0", "k1": "v1", "k2": "v2"}
+        finally:
+            await c.stop_all()
+
+    run(main())
+
+
+def test_group_commit_batches_concurrent_proposals(tmp_path: Path) -> None:
+    async def main() -> None:
+        c = LocalCluster(tmp_path)
+        await c.start_all()
+        try:
+            leader = await c.leader()
+            before = leader.stats["fsyncs"]
+            results = await asyncio.gather(*(leader.propose(put(f"k{i}", "v"))
+                                             for i in range(500)))
+            fsyncs = leader.stats["fsyncs"] - before
+            assert len(set(results)) == 500
+            assert fsyncs < 100, f"{fsyncs} fsyncs for 500 concurrent proposals"
+        finally:
+            await c.stop_all()
+
+    run(main())
+
+
+def test_restart_resumes_from_the_wal(tmp_path: Path) -> None:
+    async def main() -> None:
+        c = LocalCluster(tmp_path)
+        await c.start_all()
+        try:
+            leader = await c.leader()
+            for i in range(20):
+                last = await leader.propose(put(f"k{i}", str(i)))
+            await c.converge(last)
+            await c.stop_all()
+            await c.start_all()
+            leader = await c.leader()
+            last = await leader.propose(put("after", "restart"))
+            await c.converge(last)
+            for node in c.nodes.values():
+                assert node.fsm.data["k19"] == "19" and node.fsm.data["after"] == "restart"
+        finally:
+            await c.stop_all()
+
+    run(main())
+
+
+def test_new_leader_after_the_leader_stops(tmp_path: Path) -> None:
+    async def main() -> None:
+        c = LocalCluster(tmp_path)
+        await c.start_all()
+        try:
+            old = await c.leader()
+            acked = await old.propose(put("before", "x"))
+            name = next(n for n, node in c.nodes.items() if node is old)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await c.stop(name)
+            new = await c.leader()
+            elected_in = loop.time() - t0
+            assert new is not old
+            assert elected_in < 2 * 0.2 + 0.3  # two election timeouts, plus scheduling slack
+            last = await new.propose(put("after", "y"))
+            assert last > acked
+            await c.converge(last)
+            assert all(n.fsm.data["before"] == "x" for n in c.nodes.values())
+        finally:
+            await c.stop_all()
+
+    run(main())
+
+
+def test_quorum_read_sees_every_acknowledged_write(tmp_path: Path) -> None:
+    async def main() -> None:
+        c = LocalCluster(tmp_path)
+        await c.start_all()
+        try:
+            leader = await c.leader()
+            follower = next(n for n in c.nodes.values() if n is not leader)
+            for i in range(10):
+                index = await leader.propose(put("x", str(i)))
+                read = await follower.read_index()
+                assert read >= index
+                assert follower.fsm.data["x"] == str(i)
+        finally:
+            await c.stop_all()
+
+    run(main())
+
+
+def test_member_added_at_runtime_catches_up_by_snapshot(tmp_path: Path) -> None:
+    async def main() -> None:
+        c = LocalCluster(tmp_path, size=4, snapshot_count=20, snapshot_catchup_entries=5)
+        founders = {n: [u] for n, u in list(c.urls.items())[:3]}
+        for name in founders:
+            await c.start(name, cluster=founders)
+        try:
+            leader = await c.leader()
+            for i in range(60):
+                last = await leader.propose(put(f"k{i}", str(i)))
+            assert leader.stats["snapshots"] >= 2
+            assert list((tmp_path / leader.config.name / "member" / "snap").glob("*.snap"))
+            await leader.add_member([c.urls["m4"]], name="m4")
+            joined = await c.start("m4", state="existing",
+                                   cluster={**founders, "m4": [c.urls["m4"]]})
+            last = await leader.propose(put("late", "yes"))
+            await c.converge(last)
+            assert joined.fsm.data["k59"] == "59" and joined.fsm.data["late"] == "yes"
+            assert joined.snapshot_index > 0  # it got there through a snapshot
+            assert len(leader.core.conf_state().voters) == 4
+            await leader.remove_member(joined.id)
+            assert len(leader.core.conf_state().voters) == 3
+        finally:
+            await c.stop_all()
+
+    run(main())
+
+
+def test_member_of_another_cluster_is_refused(tmp_path: Path, caplog) -> None:
+    async def main() -> None:
+        c = LocalCluster(tmp_path / "a", size=1, token="cluster-a")
+        await c.start_all()
+        other = LocalCluster(tmp_path / "b", size=1, token="cluster-b")
+        other.urls = {"m1": other.urls["m1"]}
+        await other.start_all()
+        try:
+            a, b = await c.leader(), await other.leader()
+            # Point b at a's listener as if it were a peer of b's cluster.
+            b.transport.set_peer(a.id, [c.urls["m1"]])
+            b.transport.send([Message(MessageType.HEARTBEAT, to=a.id, frm=b.id, term=5)])
+            for _ in range(100):
+                if "belongs to cluster" in caplog.text:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await c.stop_all()
+            await other.stop_all()
+
+    with caplog.at_level(logging.WARNING, logger="grozd.raft.transport"):
+        run(main())
+    assert "a different --initial-cluster-token?" in caplog.text
+
+
+def test_flags_that_contradict_the_data_dir_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        c = LocalCluster(tmp_path, size=1)
+        await c.start_all()
+        await c.stop_all()
+        cfg: NodeConfig = c.config("m1")
+        cfg.initial_cluster_token = "another-token"
+        with pytest.raises(DataDirMismatchError, match="belongs to member .* give member"):
+            await RaftNode(cfg, KV()).start()
+
+    run(main())
