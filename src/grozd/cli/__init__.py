@@ -11,6 +11,8 @@ from grozd.cli.exit import ExitCode
 # tool name -> (module under grozd.cli, one-line summary)
 TOOLS: dict[str, tuple[str, str]] = {
     "sim": ("grozd.cli.sim", "run a simulated Raft cluster under faults and report what happened"),
+    "flanneld": ("grozd.cli.flanneld",
+                 "flannel: lease an overlay subnet in the store and route to the other hosts"),
 }
 
 USAGE = f"""usage: grozd [--version] [--help] <tool> [args...]

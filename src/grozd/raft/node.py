@@ -167,6 +167,7 @@ class RaftNode:
                       "snapshots": 0, "readies": 0}
         self.removed = False
         self.force_snapshot = False
+        self.durable_vote = (0, 0)  # (term, vote) as last synced
 
     # ---- start-up ------------------------------------------------------------------------
 
@@ -252,6 +253,7 @@ class RaftNode:
         self.storage.append([e for e in rec.entries if e.index > applied])
         if rec.hard_state is not None:
             self.storage.set_hard_state(rec.hard_state)
+            self.durable_vote = (rec.hard_state.term, rec.hard_state.vote)
         self.applied = applied
         self.snapshot_index = applied
         return applied
@@ -356,10 +358,16 @@ class RaftNode:
         """Write the batch to the WAL; on a disk error, fail this member's proposals in it and
         retry until the disk takes it (the core cannot move on without it)."""
         delay = 0.05
+        hs = rd.hard_state
+        # Entries, terms and votes must be on disk before anyone hears of them; a commit index
+        # alone need not be (it is re-learned from the leader after a crash).
+        sync = bool(rd.entries) or (hs is not None and (hs.term, hs.vote) != self.durable_vote)
         while True:
             try:
-                await asyncio.to_thread(self.wal.save, rd.hard_state, rd.entries)
-                self.stats["fsyncs"] += 1
+                await asyncio.to_thread(self.wal.save, hs, rd.entries, sync=sync)
+                if hs is not None:
+                    self.durable_vote = (hs.term, hs.vote)
+                self.stats["fsyncs"] += sync
                 if self.storage_error is not None:
                     log.warning("event=wal_write_recovered member=%x", self.id)
                 self.storage_error = None

@@ -604,8 +604,12 @@ class WAL:
 
     # ---- writing ----
 
-    def save(self, hard_state: HardState | None, entries: Sequence[Entry]) -> None:
+    def save(self, hard_state: HardState | None, entries: Sequence[Entry], *,
+             sync: bool = True) -> None:
         """Append entries, then the hard state, with one write and one fdatasync.
+
+        sync=False skips the fdatasync: for a batch that only moves the commit index, which a
+        member re-learns from its leader if a crash loses it (etcd does the same).
 
         An entry index at or below the last one replaces it and everything after it. Raises
         ValueError (nothing written) for a batch that would leave a gap in the log, and
@@ -631,7 +635,7 @@ class WAL:
             # the entries it covers.
             if hard_state is not None:
                 parts.append(_record(RecordType.HARD_STATE, codec.encode_hard_state(hard_state)))
-            self._append(b"".join(parts), "save")
+            self._append(b"".join(parts), "save", sync=sync)
             if entries:
                 first = entries[0].index
                 runs = self._runs
@@ -689,12 +693,13 @@ class WAL:
             raise WALWriteError(f"{self._dir}: the WAL is unusable ({self._broken});"
                                 " reopen it")
 
-    def _append(self, data: bytes, what: str) -> None:
+    def _append(self, data: bytes, what: str, sync: bool = True) -> None:
         """Write and fdatasync, or put the segment back as it was and raise WALWriteError."""
         start = self._size
         try:
             _write_all(self._fd, data)
-            os.fdatasync(self._fd)
+            if sync:
+                os.fdatasync(self._fd)
         except OSError as e:
             path = self._segments[-1].path
             try:
@@ -708,7 +713,7 @@ class WAL:
             raise WALWriteError(f"{path}: {what} failed: {e.strerror} (errno {e.errno});"
                                 f" truncated back to {start} bytes, nothing of it was saved",
                                 e.errno) from e
-        self.fsyncs += 1
+        self.fsyncs += sync
         self.bytes_written += len(data)
         self._size = start + len(data)
 

@@ -1,0 +1,233 @@
+"""flanneld: network config -> lease -> backend -> watch loop, until stopped.
+
+Startup follows flannel: find the underlay interface, wait for ``<prefix>/config``,
+prepare the backend (whose data goes into the lease), acquire a lease (preferring the
+subnet of the previous run), configure the host for it and write subnet.env. Then it
+renews the lease and programs the backend for every other host's lease as they come and
+go. `Flanneld.stop` (SIGTERM) ends it cleanly and keeps the lease, as flannel does, so a
+restarted daemon gets the same subnet and containers keep their addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from grozd.client import Client, EtcdError, EtcdUnavailable, KeyNotFoundError
+from grozd.flannel.backends import Backend, BackendError, make_backend
+from grozd.flannel.config import DEFAULT_PREFIX, ConfigError, NetworkConfig, parse_config
+from grozd.flannel.leases import (
+    RENEW_MARGIN,
+    RENEW_RETRY,
+    SUBNET_TTL,
+    Lease,
+    LeaseAttrs,
+    LeaseError,
+    LeaseEvent,
+    LeaseLostError,
+    LeaseManager,
+)
+from grozd.flannel.netlink import Netlink, NetlinkOpError, Underlay
+from grozd.flannel.subnetenv import (
+    DEFAULT_SUBNET_FILE,
+    SubnetEnv,
+    previous_subnet,
+    write_subnet_env,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINTS = ("http://127.0.0.1:2379",)
+
+
+class FlanneldError(Exception):
+    """The daemon cannot go on (bad config, no underlay, lease lost...)."""
+
+
+@dataclass
+class FlanneldConfig:
+    """The daemon's settings (flannel's flags; ``netns`` is grozd's own).
+
+    ``netns`` makes the daemon program a named network namespace instead of its own,
+    while it still reaches the store from where it runs.
+    """
+
+    etcd_endpoints: list[str] = field(default_factory=lambda: list(DEFAULT_ENDPOINTS))
+    etcd_prefix: str = DEFAULT_PREFIX
+    iface: list[str] = field(default_factory=list)
+    public_ip: str | None = None
+    subnet_file: Path = DEFAULT_SUBNET_FILE
+    ip_masq: bool = False
+    netns: str | None = None
+    subnet_ttl: int = SUBNET_TTL
+    renew_margin: float = RENEW_MARGIN
+    renew_retry: float = RENEW_RETRY
+    etcd_timeout: float = 5.0
+    retry: float = 1.0
+
+
+class Flanneld:
+    """One flannel daemon; `run` it, `stop` it.
+
+    After `ready` is set, ``lease``, ``network``, ``underlay`` and ``backend`` describe
+    the running state; ``event_errors`` keeps the last lease events that failed.
+    """
+
+    def __init__(self, config: FlanneldConfig) -> None:
+        self.config = config
+        self.ready = asyncio.Event()
+        self.lease: Lease | None = None
+        self.network: NetworkConfig | None = None
+        self.underlay: Underlay | None = None
+        self.backend: Backend | None = None
+        self.event_errors: deque[tuple[LeaseEvent, Exception]] = deque(maxlen=100)
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask `run` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until `stop`; raises `FlanneldError` when the daemon cannot go on."""
+        main = asyncio.create_task(self._run(), name="flanneld")
+        stopping = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not main.done():
+                main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await main
+        if self._stop.is_set():
+            log.info("stopped%s", f"; lease {self.lease.subnet} kept" if self.lease else "")
+
+    async def _run(self) -> None:
+        cfg = self.config
+        netlink = Netlink(cfg.netns)
+        try:
+            await netlink.open()
+        except FileNotFoundError as exc:
+            await netlink.close()
+            raise FlanneldError(f"network namespace {cfg.netns!r} not found: {exc}") from exc
+        try:
+            self.underlay = await self._find_underlay(netlink)
+            async with Client(cfg.etcd_endpoints, timeout=cfg.etcd_timeout) as etcd:
+                await self._serve(netlink, etcd, self.underlay)
+        except (ConfigError, LeaseLostError, BackendError, ValueError, OSError) as exc:
+            # OSError: netlink failures during setup, an unwritable subnet file.
+            raise FlanneldError(str(exc)) from exc
+        finally:
+            await netlink.close()
+
+    async def _find_underlay(self, netlink: Netlink) -> Underlay:
+        cfg = self.config
+        if not cfg.iface:
+            underlay = await netlink.find_underlay(None, cfg.public_ip)
+        else:
+            errors = []
+            for name in cfg.iface:
+                try:
+                    underlay = await netlink.find_underlay(name, cfg.public_ip)
+                    break
+                except NetlinkOpError as exc:
+                    errors.append(str(exc))
+            else:
+                raise FlanneldError("no usable --iface: " + "; ".join(errors))
+        log.info("using interface %s (%s), public IP %s, MTU %d", underlay.name,
+                 underlay.address, underlay.public_ip, underlay.mtu)
+        return underlay
+
+    async def _serve(self, netlink: Netlink, etcd: Client, underlay: Underlay) -> None:
+        cfg = self.config
+        network = self.network = await self._wait_for_config(etcd)
+        backend = self.backend = make_backend(network.backend, netlink, underlay)
+        data = await backend.setup()
+        manager = LeaseManager(
+            etcd, network, cfg.etcd_prefix, ttl=cfg.subnet_ttl,
+            renew_margin=cfg.renew_margin, renew_retry=cfg.renew_retry,
+        )  # fmt: skip
+        attrs = LeaseAttrs(underlay.public_ip, backend.type, data)
+        lease = self.lease = await self._acquire(
+            manager, attrs, previous_subnet(cfg.subnet_file)
+        )
+        await backend.configure(lease)
+        write_subnet_env(
+            cfg.subnet_file,
+            SubnetEnv.for_lease(network.network, lease.subnet, backend.mtu, cfg.ip_masq),
+        )
+        log.info("lease %s written to %s", lease.subnet, cfg.subnet_file)
+        self.ready.set()
+
+        renew = asyncio.create_task(manager.keep_alive(lease, on_renew=self._renewed))
+        watch = asyncio.create_task(self._watch(manager, backend, lease.subnet))
+        try:
+            done, _ = await asyncio.wait({renew, watch}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise FlanneldError("a daemon task ended unexpectedly")
+        finally:
+            for task in (renew, watch):
+                task.cancel()
+            await asyncio.gather(renew, watch, return_exceptions=True)
+
+    def _renewed(self, lease: Lease) -> None:
+        self.lease = lease
+
+    async def _wait_for_config(self, etcd: Client) -> NetworkConfig:
+        key = f"/{self.config.etcd_prefix.strip('/')}/config"
+        waiting_logged = False
+        while True:
+            try:
+                resp = await etcd.get(key)
+            except KeyNotFoundError:
+                if not waiting_logged:
+                    log.warning("waiting for the network config at %s", key)
+                    waiting_logged = True
+            except (EtcdUnavailable, EtcdError) as exc:
+                log.warning("cannot read the network config (retrying): %s", exc)
+            else:
+                if resp.node is None or resp.node.dir or resp.node.value is None:
+                    raise ConfigError(f"{key} is a directory, not the network config")
+                try:
+                    network = parse_config(resp.node.value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{key}: {exc}") from None
+                log.info("network %s, subnets /%d from %s to %s, backend %s", network.network,
+                         network.subnet_len, network.subnet_min, network.subnet_max,
+                         network.backend.type)
+                return network
+            await asyncio.sleep(self.config.retry)
+
+    async def _acquire(
+        self, manager: LeaseManager, attrs: LeaseAttrs, previous: IPv4Network | None
+    ) -> Lease:
+        failures = 0
+        while True:
+            try:
+                return await manager.acquire(attrs, previous)
+            except (LeaseError, EtcdUnavailable, EtcdError) as exc:
+                # As flannel: subnets may free up and the store may come back, so retry.
+                failures += 1
+                delay = min(self.config.retry * 2 ** (failures - 1), 30.0)
+                log.error("failed to acquire a lease (retrying in %gs): %s", delay, exc)
+                await asyncio.sleep(delay)
+
+    async def _watch(self, manager: LeaseManager, backend: Backend, own: IPv4Network) -> None:
+        async for event in manager.watch_leases(exclude=own, retry=self.config.retry):
+            try:
+                await backend.handle(event)
+            except (BackendError, NetlinkOpError) as exc:
+                # One bad lease must not stop routing to the others.
+                log.error("%s lease %s: %s", event.type, event.lease.subnet, exc)
+                self.event_errors.append((event, exc))
+
+
+def make_app(config: FlanneldConfig) -> Flanneld:
+    """The daemon for ``config``, not yet running."""
+    return Flanneld(config)
