@@ -1005,6 +1005,13 @@ cdef class Raft:
                 return False
             if snap.index == 0:
                 raise RaftError("need non-empty snapshot")
+            if to not in snap.conf_state.voters and to not in snap.conf_state.learners:
+                # A member added after this snapshot was taken would refuse it (restore() turns
+                # down a configuration without itself) and answer with its old commit index,
+                # which sets the probe going again: SNAP, APP, reject, SNAP... with no tick in
+                # between. Wait instead for a snapshot that names it (the application takes
+                # one after the change); heartbeat answers retry.
+                return False
             m.type = MSG_SNAP
             m.snapshot = snap
             pr.become_snapshot(snap.index)
@@ -1271,7 +1278,11 @@ cdef class Raft:
             was_paused = pr.is_paused()
             if pr.state == PROBE and m.index >= pr.match:
                 pr.probe_sent = False
-            if pr.maybe_update(m.index):
+            # A probed follower that answers with exactly its known match (it was already
+            # caught up when it was put back to probe) must return to replicate too: otherwise
+            # match never moves, and each answer resumes the probe with another empty append,
+            # answered again, for ever, with no tick in between.
+            if pr.maybe_update(m.index) or (pr.state == PROBE and m.index == pr.match):
                 if pr.state == PROBE:
                     pr.become_replicate()
                 elif pr.state == SNAPSHOT and pr.match >= pr.pending_snapshot:

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,7 @@ class RaftNode:
                       "snapshots": 0, "readies": 0}
         self.removed = False
         self.force_snapshot = False
+        self.joined_members: list = []
         self.durable_vote = (0, 0)  # (term, vote) as last synced
 
     # ---- start-up ------------------------------------------------------------------------
@@ -182,17 +184,30 @@ class RaftNode:
             applied = await asyncio.to_thread(self.recover, wal_dir)
         else:
             if cfg.initial_cluster_state == "existing":
-                others = [u for m in cfg.members() if m.id != self.id for u in m.peer_urls]
-                try:
-                    self.cluster_id = await fetch_cluster_id(self.id, others)
-                except ConnectionError as e:
-                    raise NodeError(f"cannot join with --initial-cluster-state existing: {e}")\
-                        from None
+                own = set(cfg.initial_advertise_peer_urls)
+                others = [u for m in cfg.members() for u in m.peer_urls if u not in own]
+                for attempt in range(10):
+                    try:
+                        self.cluster_id, self.id, known = await fetch_cluster_id(
+                            cfg.initial_advertise_peer_urls, others)
+                    except ConnectionError as e:
+                        raise NodeError(
+                            f"cannot join with --initial-cluster-state existing: {e}") from None
+                    if self.id:
+                        self.joined_members = known
+                        break
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                if not self.id:
+                    raise NodeError(
+                        f"the cluster has no member with peer URLs"
+                        f" {cfg.initial_advertise_peer_urls}: add it first (etcdctl member add)"
+                        " and start it with the same --initial-advertise-peer-urls")
             applied = await asyncio.to_thread(self.bootstrap, wal_dir)
         self.core = Raft(self.id, self.storage, rng, election_tick=election_tick,
                          heartbeat_tick=1, applied=applied)
         self.transport = Transport(self.id, self.cluster_id, self.on_message,
-                                   self.on_unreachable, self.on_snapshot_status)
+                                   self.on_unreachable, self.on_snapshot_status,
+                                   self.describe_cluster)
         await self.transport.listen(cfg.listen_peer_urls)
         self.sync_peers()
         loop = asyncio.get_running_loop()
@@ -201,17 +216,31 @@ class RaftNode:
                  self.id, self.cluster_id, applied)
         self.schedule()
 
+    def member_for_urls(self, peer_urls: list[str]) -> int:
+        for m in self.members.values():
+            if set(m.peer_urls) == set(peer_urls):
+                return m.id
+        return 0
+
+    def describe_cluster(self, peer_urls: list[str]) -> tuple[int, list]:
+        return self.member_for_urls(peer_urls), [
+            [m.id, m.name, m.peer_urls] for m in self.members.values()]
+
     def bootstrap(self, wal_dir: Path) -> int:
         cfg = self.config
         members = cfg.members()
         ids = [m.id for m in members]
-        if self.id not in ids:
+        if cfg.initial_cluster_state == "existing":
+            # Whom to answer until the log or a snapshot says who the members are.
+            members = [Member(i, name, urls) for i, name, urls in self.joined_members]
+        elif self.id not in ids:
             raise DataDirMismatchError(
                 f"--initial-advertise-peer-urls {cfg.initial_advertise_peer_urls} are not the"
                 f" peer URLs of {cfg.name!r} in --initial-cluster")
         if not self.cluster_id:
             self.cluster_id = cluster_id_for(ids)
-        meta = msgpack.packb({"member": self.id, "cluster": self.cluster_id, "name": cfg.name})
+        meta = msgpack.packb({"member": self.id, "cluster": self.cluster_id, "name": cfg.name,
+                              "joined": cfg.initial_cluster_state == "existing"})
         self.wal = WAL.create(wal_dir, meta)
         if cfg.initial_cluster_state == "new":
             # Every founding member writes the same configuration entries, so logs agree.
@@ -234,6 +263,8 @@ class RaftNode:
         if rec.repaired:
             log.warning("event=wal_repaired detail=%r", rec.repaired)
         meta = msgpack.unpackb(rec.metadata)
+        if meta["member"] != self.id and meta.get("joined"):
+            self.id = meta["member"]  # a joining member was given its ID by the cluster
         if meta["member"] != self.id:
             raise DataDirMismatchError(
                 f"the data dir {self.config.data_dir} belongs to member {meta['member']:x}"
@@ -619,9 +650,12 @@ class RaftNode:
 
     async def add_member(self, peer_urls: list[str], name: str = "",
                          learner: bool = False) -> Member:
-        mid = member_id_for(peer_urls, self.config.initial_cluster_token)
-        if mid in self.members:
-            raise NodeError(f"peer URLs {peer_urls} already belong to member {mid:x}")
+        if self.member_for_urls(peer_urls):
+            raise NodeError(f"peer URLs {peer_urls} already belong to member"
+                            f" {self.member_for_urls(peer_urls):x}")
+        # A fresh ID each time: an ID once removed must never come back (its old messages
+        # could still be in flight). The new member learns it when it joins.
+        mid = member_id_for(peer_urls, f"{self.config.initial_cluster_token}:{time.time_ns()}")
         member = Member(mid, name, list(peer_urls), [], learner)
         kind = ConfChangeType.ADD_LEARNER if learner else ConfChangeType.ADD_NODE
         await self.change_membership(kind, mid, member)

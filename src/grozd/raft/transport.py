@@ -51,36 +51,47 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return kind, await reader.readexactly(length - 1)
 
 
-def cluster_query(kind: int, body: bytes) -> int | None:
-    """A hello with cluster and target 0 asks which cluster this is (a member joining it)."""
+def cluster_query(kind: int, body: bytes) -> list[str] | None:
+    """A hello with cluster 0 asks which cluster this is and which member has the given peer
+    URLs (a member joining the cluster learns its ID this way)."""
     if kind != HELLO:
         return None
     try:
-        version, cluster_id, from_id, to_id = msgpack.unpackb(body)
+        fields = msgpack.unpackb(body)
     except Exception:
         return None
-    return from_id if version == PROTOCOL and cluster_id == 0 and to_id == 0 else None
+    if len(fields) == 5 and fields[0] == PROTOCOL and fields[1] == 0:
+        return [str(u) for u in fields[4]]
+    return None
 
 
-async def fetch_cluster_id(member_id: int, urls: list[str], timeout: float = 2.0) -> int:
-    """Ask existing members which cluster they form (what a joining member must belong to)."""
+async def fetch_cluster_id(peer_urls: list[str], urls: list[str],
+                           timeout: float = 2.0) -> tuple[int, int, list]:
+    """Ask existing members for (cluster ID, the member ID given to peer_urls or 0, and the
+    members as [[id, name, peer URLs], ...]) so a joining member can talk to them."""
     errors = []
+    found = None
     for url in urls:
         writer = None
         try:
             host, port = parse_url(url)
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-            writer.write(frame(HELLO, msgpack.packb([PROTOCOL, 0, member_id, 0])))
+            writer.write(frame(HELLO, msgpack.packb([PROTOCOL, 0, 0, 0, list(peer_urls)])))
             kind, body = await asyncio.wait_for(read_frame(reader), timeout)
-            version, cluster_id, _, _ = msgpack.unpackb(body)
+            version, cluster_id, _, member_id, members = msgpack.unpackb(body)
             if kind == HELLO and version == PROTOCOL and cluster_id:
-                return cluster_id
+                if member_id:
+                    return cluster_id, member_id, members
+                found = (cluster_id, 0, members)  # it may not have applied the addition yet
+                continue
             errors.append(f"{url}: unexpected answer")
         except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as e:
             errors.append(f"{url}: {e or type(e).__name__}")
         finally:
             if writer is not None:
                 writer.close()
+    if found:
+        return found
     raise ConnectionError("could not reach any existing member to join its cluster ("
                           + "; ".join(errors) + ")")
 
@@ -188,8 +199,11 @@ class Transport:
     def __init__(self, member_id: int, cluster_id: int,
                  on_message: Callable[[Message], None],
                  on_unreachable: Callable[[int], None],
-                 on_snapshot_status: Callable[[int, bool], None]) -> None:
+                 on_snapshot_status: Callable[[int, bool], None],
+                 describe_cluster: Callable[[list[str]], tuple[int, list]] | None = None,
+                 ) -> None:
         self.member_id = member_id
+        self.describe_cluster = describe_cluster
         self.cluster_id = cluster_id
         self.on_message = on_message
         self.on_unreachable = on_unreachable
@@ -291,9 +305,11 @@ class Transport:
             self.connections.discard(writer)
             writer.close()
 
-    async def answer_cluster_query(self, writer: asyncio.StreamWriter, from_id: int) -> None:
+    async def answer_cluster_query(self, writer: asyncio.StreamWriter,
+                                   peer_urls: list[str]) -> None:
+        member, members = self.describe_cluster(peer_urls) if self.describe_cluster else (0, [])
         writer.write(frame(HELLO, msgpack.packb([PROTOCOL, self.cluster_id, self.member_id,
-                                                 from_id])))
+                                                 member, members])))
         await writer.drain()
 
     def check_hello(self, kind: int, body: bytes) -> str:
