@@ -41,8 +41,8 @@ from libc.errno cimport (
     EPERM,
     errno,
 )
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.ioctl cimport ioctl
@@ -90,7 +90,6 @@ from grozd.flannel._sys_socket cimport (
     sendto,
     setsockopt,
     sockaddr,
-    socklen_t,
 )
 
 cdef extern from *:
@@ -898,7 +897,8 @@ cdef inline bint transient_rx_error(int e) noexcept nogil:
 cdef int rx_loop(Shared *sh, Rx *rx) noexcept nogil:
     """Receives a batch of (possibly GRO-coalesced) datagrams, splits them into inner packets,
     coalesces and writes them; sleeps in poll()."""
-    cdef int n, k, e, off, dl, seg, gs, nd, coalesce
+    cdef int n, k, e, off, dl, seg, nd, coalesce
+    cdef int gs = 0
     cdef msghdr *h
     cdef cmsghdr *c
     cdef uint8_t *buf

@@ -1429,7 +1429,10 @@ cdef class Raft:
         self.send(resp)
 
     cdef void handle_heartbeat(self, Message m):
-        self.log.commit_to(m.commit)
+        # The leader sends min(match, commit). A follower that lost the unsynced tail of its
+        # log (a torn WAL) holds less than its old match; what it still holds is a prefix of
+        # what it acknowledged, so committing up to its own last entry stays safe.
+        self.log.commit_to(min(m.commit, self.log.last_index()))
         cdef Message resp = new_message(MSG_HEARTBEAT_RESP, m.frm)
         resp.context = m.context
         self.send(resp)

@@ -10,6 +10,7 @@ from grozd.cli.exit import ExitCode
 
 # tool name -> (module under grozd.cli, one-line summary)
 TOOLS: dict[str, tuple[str, str]] = {
+    "etcd": ("grozd.cli.etcd", "run a store member (the etcd v2 API over Raft), etcd's flags"),
     "sim": ("grozd.cli.sim", "run a simulated Raft cluster under faults and report what happened"),
     "flanneld": ("grozd.cli.flanneld",
                  "flannel: lease an overlay subnet in the store and route to the other hosts"),

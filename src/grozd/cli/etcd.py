@@ -34,6 +34,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "max-snapshots": ("5", "maximum number of snapshot files to retain"),
     "max-wals": ("5", "maximum number of WAL files to retain"),
     "max-request-bytes": ("1572864", "maximum client request size in bytes"),
+    "experimental-snapshot-catchup-entries": (
+        "5000", "entries kept behind a snapshot for slow followers to catch up from"),
 }
 
 
@@ -129,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[NodeConfig, dict]:
         snapshot_count=number("snapshot-count", 1),
         max_snapshots=number("max-snapshots", 1),
         max_wals=number("max-wals", 1),
+        snapshot_catchup_entries=number("experimental-snapshot-catchup-entries", 1),
     )
     client = {
         "listen_client_urls": split_urls("listen-client-urls", args.listen_client_urls),
@@ -146,7 +149,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"grozd etcd: {e}", file=sys.stderr)
         return ExitCode.USAGE
-    from grozd.api.member import Member, MemberError
+    from grozd.api.member import Member, StartError
 
     async def serve() -> None:
         member = Member(cfg, **client)
@@ -164,7 +167,7 @@ def main(argv: list[str]) -> int:
         import uvloop
 
         uvloop.run(serve())
-    except MemberError as e:
+    except StartError as e:
         if args.debug:
             raise
         print(f"grozd etcd: {e}", file=sys.stderr)

@@ -130,6 +130,7 @@ class PeerSender:
                 writer.write(frame(HELLO, hello))
                 refused = asyncio.get_running_loop().create_task(self.watch_refusal(reader))
                 self.connected = True
+                log.info("event=peer_active peer=%x url=%s", self.peer_id, url)
                 backoff = 0.05
                 try:
                     await self.pump(writer, refused)
@@ -139,10 +140,12 @@ class PeerSender:
                 if writer is not None:
                     writer.close()
                 raise
-            except (OSError, ValueError, asyncio.IncompleteReadError, ConnectionError) as e:
-                log.debug("event=peer_send_failed peer=%x url=%s error=%s", self.peer_id, url, e)
+            except Exception as e:  # any failure: reconnect; this task must never die
+                log.debug("event=peer_send_failed peer=%x url=%s error=%r", self.peer_id, url, e)
             if writer is not None:
                 writer.close()
+            if self.connected:
+                log.info("event=peer_inactive peer=%x", self.peer_id)
             self.connected = False
             self.fail_queued()
             await asyncio.sleep(backoff)
@@ -277,6 +280,9 @@ class Transport:
                 writer.write(frame(REFUSE, refusal.encode()))
                 await writer.drain()
                 return
+            # A peer opening a new stream may have restarted and lost what it had not
+            # synced: the core should probe it again rather than trust what it matched.
+            self.on_unreachable(msgpack.unpackb(body)[2])
             while True:
                 kind, body = await read_frame(reader)
                 if kind == MESSAGE:

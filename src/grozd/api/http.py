@@ -1,0 +1,600 @@
+"""A small HTTP/1.1 server on asyncio (uvloop-friendly), parsed with httptools.
+
+Keep-alive and pipelining: requests on a connection are handled one after another, in
+order, like Go's server; a handler may answer with a stream (chunked), which lets the next
+request start as soon as the stream is set up (a watch is registered), while its bytes
+still go out in order. Every limit answers with a clear status and closes the connection:
+
+* request line + headers over ``max_header_bytes``: 431
+* body over ``max_body_bytes``: 413 (checked against Content-Length before reading)
+* headers or body not arriving within ``header_timeout`` / ``body_timeout``: 408
+* malformed HTTP: 400
+* more than ``max_connections`` open: 503
+
+A client that leaves our output unread for ``write_timeout`` is dropped, and a keep-alive
+connection with nothing in flight is closed after ``idle_timeout``. A misbehaving client
+only ever costs its own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, cast
+
+import httptools
+
+from grozd.api.config import ApiConfig
+
+log = logging.getLogger("grozd.api.http")
+
+Handler = Callable[["Request"], Awaitable["Response"]]
+
+# Seconds a refused connection stays open (half-closed) so the client can read the answer.
+LINGER = 1.0
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The Date header value, formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
+
+
+def reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class Request:
+    """A parsed request. ``path`` and ``query`` are raw (still %-escaped) bytes; header
+    names are lower-case."""
+
+    __slots__ = ("method", "path", "query", "version", "headers", "body", "keep_alive", "conn",
+                 "response")
+
+    def __init__(
+        self,
+        method: str,
+        path: bytes,
+        query: bytes,
+        version: str,
+        headers: dict[str, str],
+        body: bytes,
+        keep_alive: bool,
+        conn: HttpConnection,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.conn = conn
+        # Set when the request was refused while parsing: sent as is, in order.
+        self.response: Response | None = None
+
+
+class Response:
+    """An answer: a complete ``body``, or a ``stream`` of chunks (sent chunked).
+
+    ``on_close`` runs exactly once when the response is finished or abandoned (client gone)
+    so resources behind a stream (a watcher) are released. ``close`` ends the connection
+    after this response.
+    """
+
+    __slots__ = ("status", "headers", "body", "stream", "on_close", "close")
+
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        *,
+        stream: AsyncIterator[bytes] | None = None,
+        on_close: Callable[[], None] | None = None,
+        close: bool = False,
+    ) -> None:
+        self.status = status
+        self.headers = headers if headers is not None else []
+        self.body = body
+        self.stream = stream
+        self.on_close = on_close
+        self.close = close
+
+    def release(self) -> None:
+        callback, self.on_close = self.on_close, None
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # a cleanup failure must not take the connection down
+                log.exception("event=response_cleanup_failed")
+
+
+def plain(status: int, text: str, close: bool = False) -> Response:
+    """A text/plain answer like Go's http.Error."""
+    return Response(
+        status,
+        [("Content-Type", "text/plain; charset=utf-8"), ("X-Content-Type-Options", "nosniff")],
+        (text + "\n").encode(),
+        close=close,
+    )
+
+
+class _Reject(Exception):
+    """Raised from a parser callback to refuse the current request."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parse, run the handler in order, write in order."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.config = server.config
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.parser = httptools.HttpRequestParser(self)
+        self.watchers = 0  # watches this connection holds (for the per-connection limit)
+        self._requests: deque[Request] = deque()
+        self._responses: deque[tuple[Request, Response]] = deque()
+        self._runner: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._stop_reading = False
+        self._paused = False
+        self._reading_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_kind = ""
+        self._space: asyncio.Future[None] | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._in_message = False
+        self._url = bytearray()
+        self._head_size = 0
+        self._headers: dict[str, str] = {}
+        self._body = bytearray()
+        self._expected = 0
+        self._keep_alive = True
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.server.connections.add(self)
+        # Keep our output queued in user space small, so a slow reader is noticed.
+        self.transport.set_write_buffer_limits(high=256 * 1024)
+        if len(self.server.connections) > self.config.max_connections:
+            self.server.rejected["connections"] += 1
+            self._send_and_close(
+                plain(503, "503 Service Unavailable: too many connections", close=True)
+            )
+            return
+        self._arm(self.config.idle_timeout, "idle")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.server.connections.discard(self)
+        self._cancel_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+        for task in (self._runner, self._writer):
+            if task is not None and not task.done():
+                task.cancel()
+        while self._responses:
+            self._responses.popleft()[1].release()
+        self._requests.clear()
+        if self._space is not None and not self._space.done():
+            self._space.set_result(None)
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self._write_timer is None:
+            self._write_timer = asyncio.get_running_loop().call_later(
+                self.config.write_timeout, self._write_timed_out
+            )
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stop_reading or self._closed:
+            return
+        if self._timer_kind == "idle":
+            self._cancel_timer()
+        try:
+            self.parser.feed_data(data)
+        except _Reject as exc:
+            self._refuse(exc.response)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._refuse(cause.response)
+            else:
+                log.debug("event=bad_request peer=%s error=%s", self.peer, exc)
+                self.server.rejected["malformed"] += 1
+                self._refuse(plain(400, "400 Bad Request", close=True))
+        except httptools.HttpParserUpgrade as exc:
+            # Upgrades (h2c, websocket) are not offered: the request was answered as plain
+            # HTTP/1.1; anything after it starts a new message.
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self.parser = httptools.HttpRequestParser(self)
+            self._reset_message()
+            if offset < len(data):
+                self.data_received(data[offset:])
+        except httptools.HttpParserError as exc:
+            log.debug("event=bad_request peer=%s error=%s", self.peer, exc)
+            self.server.rejected["malformed"] += 1
+            self._refuse(plain(400, "400 Bad Request", close=True))
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset_message()
+        self._in_message = True
+        # Measured from the first byte, not reset by later ones: a client trickling a
+        # byte at a time cannot hold the connection.
+        self._arm(self.config.header_timeout, "header")
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > self.config.max_header_bytes:
+            self.server.rejected["header_size"] += 1
+            raise _Reject(_too_large_header(self.config.max_header_bytes))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.config.max_header_bytes:
+            self.server.rejected["header_size"] += 1
+            raise _Reject(_too_large_header(self.config.max_header_bytes))
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        previous = self._headers.get(key)
+        self._headers[key] = text if previous is None else f"{previous}, {text}"
+
+    def on_headers_complete(self) -> None:
+        self._keep_alive = self.parser.should_keep_alive()
+        length = self._headers.get("content-length")
+        if length is not None:
+            try:
+                self._expected = int(length)
+            except ValueError:
+                bad = plain(400, "400 Bad Request: bad Content-Length", close=True)
+                raise _Reject(bad) from None
+            if self._expected > self.config.max_body_bytes:
+                self.server.rejected["body_size"] += 1
+                raise _Reject(_too_large_body(self._expected, self.config.max_body_bytes))
+        expects = self._headers.get("expect", "").lower() == "100-continue"
+        # Only when nothing is ahead of it: an interim answer must not cut into another.
+        busy = self._requests or self._responses or (
+            self._runner is not None and not self._runner.done()
+        )
+        if expects and self.transport and not busy:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._arm(self.config.body_timeout, "body")
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+        if len(self._body) > self.config.max_body_bytes:
+            self.server.rejected["body_size"] += 1
+            raise _Reject(_too_large_body(len(self._body), self.config.max_body_bytes))
+
+    def on_message_complete(self) -> None:
+        self._cancel_timer()
+        url = bytes(self._url)
+        if url.startswith(b"/"):
+            path, _, query = url.partition(b"?")
+            path = path.partition(b"#")[0]
+        else:
+            # Absolute form (a proxy-style target) or "*".
+            try:
+                parsed = httptools.parse_url(url)
+                path, query = parsed.path or b"/", parsed.query or b""
+            except httptools.HttpParserInvalidURLError:
+                path, query = url, b""
+        request = Request(
+            self.parser.get_method().decode("latin-1"),
+            path,
+            query,
+            self.parser.get_http_version(),
+            self._headers,
+            bytes(self._body),
+            self._keep_alive,
+            self,
+        )
+        self._reset_message()
+        self._enqueue(request)
+
+    # -- request/response pumps ----------------------------------------------------------
+
+    def _enqueue(self, request: Request) -> None:
+        self._requests.append(request)
+        if len(self._requests) >= self.config.max_pipeline and not self._reading_paused:
+            # Pipelined too far ahead: stop reading until we catch up (TCP pushes back).
+            self._reading_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.get_running_loop().create_task(self._run_requests())
+
+    async def _run_requests(self) -> None:
+        while self._requests and not self._closed:
+            request = self._requests.popleft()
+            if self._reading_paused and len(self._requests) < self.config.max_pipeline // 2:
+                self._reading_paused = False
+                if self.transport is not None and not self._stop_reading:
+                    self.transport.resume_reading()
+            response = request.response
+            if response is None:
+                try:
+                    response = await self.server.handler(request)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("event=handler_failed method=%s path=%r", request.method,
+                                  request.path)
+                    response = Response(
+                        500,
+                        [("Content-Type", "application/json")],
+                        b'{"message":"Internal Server Error"}',
+                    )
+            if self._closed:
+                response.release()
+                return
+            self._responses.append((request, response))
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.get_running_loop().create_task(self._write_responses())
+            # Do not run far ahead of what the client reads.
+            while len(self._responses) >= self.config.max_pipeline and not self._closed:
+                self._space = asyncio.get_running_loop().create_future()
+                try:
+                    await self._space
+                finally:
+                    self._space = None
+        self._maybe_idle()
+
+    async def _write_responses(self) -> None:
+        while self._responses and not self._closed:
+            request, response = self._responses[0]
+            try:
+                keep = await self._write(request, response)
+            except (asyncio.CancelledError, ConnectionError):
+                raise
+            except Exception:
+                log.exception("event=response_failed peer=%s", self.peer)
+                keep = False
+            finally:
+                if self._responses and self._responses[0][1] is response:
+                    self._responses.popleft()
+                response.release()
+                if self._space is not None and not self._space.done():
+                    self._space.set_result(None)
+            if not keep:
+                self._stop_reading = True
+                self._finish(linger=response.close and request.response is response)
+                return
+        self._maybe_idle()
+
+    async def _write(self, request: Request, response: Response) -> bool:
+        """Send one response; returns whether the connection stays open."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        http11 = request.version != "1.0"
+        keep = request.keep_alive and not response.close and not self._stop_reading
+        head = [f"HTTP/{'1.1' if http11 else '1.0'} {response.status} "
+                f"{reason(response.status)}\r\n".encode()]
+        for name, value in response.headers:
+            head.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
+        head.append(b"Date: " + http_date() + b"\r\n")
+        streaming = response.stream is not None
+        if streaming and not http11:
+            keep = False  # HTTP/1.0 has no chunking: the end of the stream is the close
+        if not keep:
+            head.append(b"Connection: close\r\n")
+        elif not http11:
+            head.append(b"Connection: keep-alive\r\n")
+        if streaming:
+            if http11:
+                head.append(b"Transfer-Encoding: chunked\r\n")
+        elif response.status >= 200 and response.status not in (204, 304):
+            head.append(b"Content-Length: %d\r\n" % len(response.body))
+        head.append(b"\r\n")
+        if not streaming:
+            if request.method != "HEAD" and response.body:
+                head.append(response.body)
+            transport.write(b"".join(head))
+            await self._drain()
+            return keep
+        transport.write(b"".join(head))
+        assert response.stream is not None
+        async for chunk in response.stream:
+            if self._closed or transport.is_closing():
+                return False
+            if chunk:
+                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if http11 else chunk)
+                await self._drain()
+        if http11 and not transport.is_closing():
+            transport.write(b"0\r\n\r\n")
+            await self._drain()
+        return keep
+
+    async def _drain(self) -> None:
+        if not self._paused or self._closed:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+
+    def _finish(self, linger: bool) -> None:
+        """Close after the last response. A refused request may still be arriving (a body
+        too large): closing with it unread would reset the connection and could destroy our
+        answer before the client reads it, so send FIN first and close a little later."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(LINGER, transport.close)
+        else:
+            transport.close()
+
+    # -- refusals and timers -------------------------------------------------------------
+
+    def _refuse(self, response: Response) -> None:
+        """Answer a request that could not be parsed or accepted, after what precedes it."""
+        response.close = True
+        self._stop_reading = True
+        self._cancel_timer()
+        request = Request("GET", b"/", b"", "1.1", {}, b"", False, self)
+        request.response = response
+        self._enqueue(request)
+
+    def _send_and_close(self, response: Response) -> None:
+        self._refuse(response)
+
+    def _arm(self, delay: float, kind: str) -> None:
+        self._cancel_timer()
+        self._timer_kind = kind
+        self._timer = asyncio.get_running_loop().call_later(delay, self._timed_out, kind)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_kind = ""
+
+    def _maybe_idle(self) -> None:
+        busy = (
+            self._in_message
+            or self._requests
+            or self._responses
+            or (self._runner is not None and not self._runner.done()
+                and self._runner is not asyncio.current_task())
+        )
+        if not busy and not self._closed and self._timer is None:
+            self._arm(self.config.idle_timeout, "idle")
+
+    def _timed_out(self, kind: str) -> None:
+        self._timer = None
+        self._timer_kind = ""
+        if self._closed or self.transport is None:
+            return
+        if kind == "idle":
+            if self._requests or self._responses:
+                return
+            log.debug("event=idle_close peer=%s", self.peer)
+            self.transport.close()
+            return
+        self.server.rejected[f"{kind}_timeout"] += 1
+        log.debug("event=request_timeout kind=%s peer=%s", kind, self.peer)
+        if self._responses or self._requests:
+            self.transport.abort()  # mid-pipeline: nothing sensible to answer
+            return
+        self._refuse(plain(408, f"408 Request Timeout: {kind} not received in time", close=True))
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        if self.transport is not None and not self._closed:
+            self.server.rejected["write_timeout"] += 1
+            log.debug("event=write_timeout peer=%s", self.peer)
+            self.transport.abort()
+
+
+def _too_large_header(limit: int) -> Response:
+    return plain(431, f"431 Request Header Fields Too Large (limit {limit} bytes)", close=True)
+
+
+def _too_large_body(size: int, limit: int) -> Response:
+    body = (
+        f'{{"message":"request body too large: {size} bytes, limit {limit} bytes"}}'
+    ).encode()
+    return Response(413, [("Content-Type", "application/json")], body, close=True)
+
+
+class HttpServer:
+    """Listens and hands each parsed request to ``handler``."""
+
+    def __init__(self, handler: Handler, config: ApiConfig) -> None:
+        self.handler = handler
+        self.config = config
+        self.connections: set[HttpConnection] = set()
+        self.rejected: dict[str, int] = {
+            k: 0
+            for k in (
+                "malformed",
+                "header_size",
+                "body_size",
+                "header_timeout",
+                "body_timeout",
+                "write_timeout",
+                "connections",
+            )
+        }
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on host:port (port 0 picks a free one; see `port`). May be called again
+        to listen on more addresses."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: HttpConnection(self), host, port, reuse_address=True, backlog=1024
+        )
+        self._servers.append(server)
+
+    @property
+    def port(self) -> int:
+        """The port of the first address listened on."""
+        sockets = self.sockets
+        if not sockets:
+            raise RuntimeError("server not started")
+        return sockets[0].getsockname()[1]
+
+    @property
+    def sockets(self) -> list[Any]:
+        """Every listening socket."""
+        return [sock for server in self._servers for sock in server.sockets]
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection (watches end)."""
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for server in servers:
+            await server.wait_closed()
+        await asyncio.sleep(0)

@@ -1,0 +1,1 @@
+"""Tests of grozd.store, the etcd v2 keyspace state machine."""
