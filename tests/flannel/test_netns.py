@@ -227,8 +227,11 @@ def test_vxlan_two_hosts(hosts: HostPair, etcd_url: str, prefix: str, tmp_path: 
             await etcd.delete(key_b)
             await until(lambda: str(sb) not in tool("ip", "-n", hosts.a, "route"),
                         what="route withdrawn")
-            assert tool("ip", "-n", hosts.a, "neigh", "show", "dev", "flannel.1").strip() == ""
-            assert tool("bridge", "-n", hosts.a, "fdb", "show", "dev", "flannel.1").strip() == ""
+            # Withdrawal runs route, FDB entry, neighbour: the last two may land just after.
+            await until(lambda: tool("ip", "-n", hosts.a, "neigh", "show", "dev",
+                                     "flannel.1").strip() == "", what="neighbour withdrawn")
+            await until(lambda: tool("bridge", "-n", hosts.a, "fdb", "show", "dev",
+                                     "flannel.1").strip() == "", what="FDB entry withdrawn")
             rc, _ = await ping(hosts.a, pod(sb), count=1, wait=1)
             assert rc != 0
             await stop(a, ta)

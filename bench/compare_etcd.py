@@ -1,0 +1,179 @@
+"""Side by side, one run: a 3-member grozd and a 3-member etcd 3.4 on loopback, fsync on.
+
+Writes (PUT, 100-byte values) and reads (default and quorum=true) at 1, 16, 64 and 256
+concurrent clients (wrk, keep-alive), throughput and p50/p99 latency; then members' CPU
+seconds and resident memory after 100k keys. Prints a table with the grozd/etcd ratio per row.
+
+Run: .venv/bin/python bench/compare_etcd.py [--seconds 5] [--clients 1,16,64,256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+PUT_SCRIPT = """
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("PUT", "/v2/keys/bench/k" .. (counter % 100000),
+    {["Content-Type"] = "application/x-www-form-urlencoded"}, "value=" .. string.rep("x", 100))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, kind: str, root: Path) -> None:
+        self.kind = kind
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.client_urls: list[str] = []
+
+    def start(self) -> None:
+        peers = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]
+        clients = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]
+        cluster = ",".join(f"m{i}={u}" for i, u in enumerate(peers))
+        for i in range(3):
+            common = [
+                "--name", f"m{i}", "--data-dir", str(self.root / f"{self.kind}-m{i}"),
+                "--listen-peer-urls", peers[i], "--initial-advertise-peer-urls", peers[i],
+                "--listen-client-urls", clients[i], "--advertise-client-urls", clients[i],
+                "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                "--initial-cluster-token", f"bench-{self.kind}",
+            ]  # fmt: skip
+            if self.kind == "etcd":
+                args = ["etcd", *common, "--enable-v2=true", "--log-level", "error",
+                        "--logger", "zap"]
+            else:
+                args = [sys.executable, "-m", "grozd", "etcd", *common]
+            log = open(self.root / f"{self.kind}-m{i}.log", "wb")
+            self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
+        self.client_urls = clients
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.leader_url():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.kind} cluster did not elect a leader")
+
+    def leader_url(self) -> str | None:
+        for url in self.client_urls:
+            try:
+                with urllib.request.urlopen(f"{url}/v2/stats/self", timeout=1) as r:
+                    if b"StateLeader" in r.read():
+                        return url
+            except OSError:
+                pass
+        return None
+
+    def usage(self) -> tuple[float, float]:
+        """CPU seconds and resident MiB, averaged over the members."""
+        cpu, rss = 0.0, 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for p in self.procs:
+            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / tick
+            status = Path(f"/proc/{p.pid}/status").read_text()
+            rss += int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+        return cpu / len(self.procs), rss / len(self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def wrk(url: str, clients: int, seconds: float, script: Path | None) -> dict:
+    args = ["wrk", "-t", str(min(2, clients)), "-c", str(clients), "-d", f"{max(1, round(seconds))}s",
+            "--latency", "--timeout", "10s"]
+    if script:
+        args += ["-s", str(script)]
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+
+    def latency(label: str) -> float:
+        m = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": latency("50%"), "p99": latency("99%"),
+            "errors": int(errors.group(1)) if errors else 0}
+
+
+def run(kind: str, root: Path, client_counts: list[int], seconds: float,
+        script: Path) -> tuple[dict, tuple[float, float]]:
+    cluster = Cluster(kind, root)
+    cluster.start()
+    try:
+        leader = cluster.leader_url()
+        # Writes go to the leader, reads are spread: wrk talks to one URL, so use the leader
+        # for writes and quorum reads (as a client library would) and a follower for reads.
+        follower = next(u for u in cluster.client_urls if u != leader)
+        urllib.request.urlopen(urllib.request.Request(
+            f"{leader}/v2/keys/bench/read", data=b"value=" + b"x" * 100, method="PUT"))
+        results = {}
+        for c in client_counts:
+            results[("write", c)] = wrk(leader, c, seconds, script)
+            results[("read", c)] = wrk(f"{follower}/v2/keys/bench/read", c, seconds, None)
+            results[("quorum read", c)] = wrk(f"{leader}/v2/keys/bench/read?quorum=true", c,
+                                              seconds, None)
+        # Fill to 100k keys (the write runs wrapped around keys k0..k99999).
+        wrk(leader, 64, max(seconds, 100_000 / max(results[("write", 64)]["rps"], 1) + 2),
+            script)
+        return results, cluster.usage()
+    finally:
+        cluster.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--clients", default="1,16,64,256")
+    args = p.parse_args()
+    if not shutil.which("wrk") or not shutil.which("etcd"):
+        sys.exit("needs wrk and etcd (apt-get install wrk etcd-server)")
+    counts = [int(c) for c in args.clients.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        script = root / "put.lua"
+        script.write_text(PUT_SCRIPT)
+        grozd, grozd_use = run("grozd", root, counts, args.seconds, script)
+        etcd, etcd_use = run("etcd", root, counts, args.seconds, script)
+    print(f"\n{'load':<12}{'clients':>8} | {'grozd req/s':>12}{'p50 ms':>8}{'p99 ms':>8} |"
+          f" {'etcd req/s':>11}{'p50 ms':>8}{'p99 ms':>8} | {'ratio':>6}")
+    for key in grozd:
+        g, e = grozd[key], etcd[key]
+        print(f"{key[0]:<12}{key[1]:>8} | {g['rps']:>12,.0f}{g['p50']:>8.2f}{g['p99']:>8.2f} |"
+              f" {e['rps']:>11,.0f}{e['p50']:>8.2f}{e['p99']:>8.2f} | {g['rps'] / e['rps']:>6.2f}"
+              + (f"  (errors: grozd {g['errors']}, etcd {e['errors']})"
+                 if g["errors"] or e["errors"] else ""))
+    print(f"{'after 100k keys':<21}| CPU s/member {grozd_use[0]:>7.1f}, RSS {grozd_use[1]:>6.0f} MiB"
+          f" | CPU s/member {etcd_use[0]:>6.1f}, RSS {etcd_use[1]:>5.0f} MiB"
+          f" | RSS ratio {grozd_use[1] / etcd_use[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
