@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from dataclasses import replace
 from typing import Any
@@ -188,9 +187,6 @@ class Member:
         self.tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        # The WAL's fdatasync runs in a worker thread; with the default 5 ms GIL switch
-        # interval, its return would wait behind a busy event loop for up to 5 ms per batch.
-        sys.setswitchinterval(0.0002)
         try:
             await self.node.start()
         except (DataDirMismatchError, NodeError, OSError) as e:
