@@ -105,8 +105,8 @@ class Cluster:
 
 
 def wrk(url: str, clients: int, seconds: float, script: Path | None) -> dict:
-    args = ["wrk", "-t", str(min(2, clients)), "-c", str(clients), "-d", f"{max(1, round(seconds))}s",
-            "--latency", "--timeout", "10s"]
+    args = ["wrk", "-t", str(min(2, clients)), "-c", str(clients),
+            "-d", f"{max(1, round(seconds))}s", "--latency", "--timeout", "10s"]
     if script:
         args += ["-s", str(script)]
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
@@ -170,7 +170,8 @@ def main() -> None:
               f" {e['rps']:>11,.0f}{e['p50']:>8.2f}{e['p99']:>8.2f} | {g['rps'] / e['rps']:>6.2f}"
               + (f"  (errors: grozd {g['errors']}, etcd {e['errors']})"
                  if g["errors"] or e["errors"] else ""))
-    print(f"{'after 100k keys':<21}| CPU s/member {grozd_use[0]:>7.1f}, RSS {grozd_use[1]:>6.0f} MiB"
+    print(f"{'after 100k keys':<21}| CPU s/member {grozd_use[0]:>7.1f},"
+          f" RSS {grozd_use[1]:>6.0f} MiB"
           f" | CPU s/member {etcd_use[0]:>6.1f}, RSS {etcd_use[1]:>5.0f} MiB"
           f" | RSS ratio {grozd_use[1] / etcd_use[1]:.2f}")
 

@@ -347,7 +347,7 @@ def test_release_after_reopen_and_recovery_from_a_middle_segment(wal_dir: Path) 
 
 def _two_segment_wal(wal_dir: Path) -> tuple[list[Entry], HardState]:
     """A WAL whose last save is one batch [e41, e42, hard state] in the second segment."""
-    with WAL.create(wal_dir, META, segment_bytes=500) as wal:
+    with WAL.create(wal_dir, META, segment_bytes=800) as wal:
         wal.save(HardState(1, 1, 0), ents(1, 1, 30))
         wal.save(HardState(1, 1, 20), ents(1, 31, 40))
         assert len(wal.segments) == 2
