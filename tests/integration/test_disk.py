@@ -112,3 +112,32 @@ def test_full_disk_fails_writes_then_recovers(small_disk: Path, tmp_path: Path) 
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_corruption_before_the_tail_stops_the_member_naming_file_and_offset(
+        tmp_path: Path) -> None:
+    log = tmp_path / "member.log"
+    ports = free_port(), free_port()
+    proc, url = start_member(tmp_path / "data", log, *ports)
+    try:
+        for n in range(30):
+            assert put(url, f"k{n}", "x" * 50)[0] in (200, 201)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    wal = sorted((tmp_path / "data" / "member" / "wal").glob("*.wal"))[-1]
+    data = bytearray(wal.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    wal.write_bytes(bytes(data))
+    client, peer = ports
+    args = [sys.executable, "-m", "grozd", "etcd", "--data-dir", str(tmp_path / "data"),
+            "--listen-client-urls", f"http://127.0.0.1:{client}",
+            "--advertise-client-urls", f"http://127.0.0.1:{client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("grozd etcd: ") and wal.name in last and "offset" in last, r.stderr
+    assert "Traceback" not in r.stderr
+    assert wal.read_bytes() == bytes(data)  # nothing was "repaired" away

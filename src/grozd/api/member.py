@@ -35,7 +35,9 @@ from grozd.raft.node import (
     ProposalTimeoutError,
     RaftNode,
 )
+from grozd.raft.snapshot import SnapshotError
 from grozd.raft.transport import parse_url
+from grozd.raft.wal import WALError
 from grozd.store import Store
 
 log = logging.getLogger("grozd.api.member")
@@ -189,7 +191,7 @@ class Member:
     async def start(self) -> None:
         try:
             await self.node.start()
-        except (DataDirMismatchError, NodeError, OSError) as e:
+        except (DataDirMismatchError, NodeError, WALError, SnapshotError, OSError) as e:
             raise StartError(str(e)) from None
         self.server = make_app(self.store, self.backend, self.api_config)
         for url in self.listen_client_urls:
