@@ -141,3 +141,24 @@ def test_corruption_before_the_tail_stops_the_member_naming_file_and_offset(
     assert last.startswith("grozd etcd: ") and wal.name in last and "offset" in last, r.stderr
     assert "Traceback" not in r.stderr
     assert wal.read_bytes() == bytes(data)  # nothing was "repaired" away
+
+
+def test_metrics_show_proposals_fsyncs_and_leader_changes(tmp_path: Path) -> None:
+    proc, url = start_member(tmp_path / "data", tmp_path / "member.log", free_port(),
+                             free_port())
+    try:
+        for n in range(5):
+            put(url, f"k{n}", "v")
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                       if line and not line.startswith("#"))
+        assert float(samples["etcd_server_proposals_total"]) >= 5
+        assert float(samples["etcd_server_leader_changes_seen_total"]) >= 1
+        assert float(samples["etcd_disk_wal_fsync_duration_seconds_count"]) >= 5
+        assert float(samples["etcd_disk_wal_fsync_total"]) >= 5
+        with urllib.request.urlopen(f"{url}/v2/stats/self", timeout=5) as resp:
+            assert "raft" not in json.loads(resp.read())  # etcd's body, nothing added
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -510,6 +510,31 @@ class Api:
         urls = [u for m in self.backend.members() for u in m.get("clientURLs") or []]
         return Response(200, [("Content-Type", TEXT)], ", ".join(urls).encode())
 
+    def raft_metrics(self, out: list[str]) -> None:
+        """The member's own counters, when the backend keeps them (a Raft member does)."""
+        raft = self.backend.stats().get("raft")
+        if not raft:
+            return
+        for name, key, text in (
+            ("etcd_server_proposals_total", "proposals", "Proposals made on this member."),
+            ("etcd_server_proposals_applied_total", "entries_applied", "Entries applied."),
+            ("etcd_server_leader_changes_seen_total", "leader_changes",
+             "Leader or role changes seen by this member."),
+            ("etcd_disk_wal_fsync_total", "fsyncs", "WAL fdatasync calls (one per batch)."),
+            ("etcd_server_snapshots_total", "snapshots", "Snapshots taken."),
+        ):
+            gauge(out, name, text, raft[key], kind="counter")
+        hist = raft.get("fsync_seconds")
+        if hist is not None:
+            name = "etcd_disk_wal_fsync_duration_seconds"
+            out.append(f"# HELP {name} The latency distributions of WAL batch writes with fsync.")
+            out.append(f"# TYPE {name} histogram")
+            for bound, count in hist.buckets():
+                out.append(f'{name}_bucket{{le="{bound:g}"}} {count}')
+            out.append(f'{name}_bucket{{le="+Inf"}} {hist.count}')
+            out.append(f"{name}_sum {hist.total:.6f}")
+            out.append(f"{name}_count {hist.count}")
+
     def metrics_page(self, request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
             return method_not_allowed("GET,HEAD")
@@ -542,6 +567,7 @@ class Api:
                   "compareAndSwap": stats["compareAndSwapSuccess"],
                   "compareAndDelete": stats["compareAndDeleteSuccess"]})
         self.metrics.render(out)
+        self.raft_metrics(out)
         if self.server is not None:
             conns = self.server.connections
             gauge(out, "grozd_http_connections", "Open client connections.", len(conns))

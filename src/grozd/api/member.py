@@ -170,7 +170,8 @@ class RaftBackend:
                                                          "standardDeviation": 0, "minimum": 0,
                                                          "maximum": 0}}
             out["leader"] = {"leader": me, "followers": followers}
-        out["self"]["raft"] = {k: core_stats[k] for k in ("fsyncs", "readies")}
+        # Not part of etcd's stats bodies: only /metrics reads it.
+        out["raft"] = {**core_stats, "fsync_seconds": node.fsync_seconds}
         return out
 
 

@@ -47,6 +47,33 @@ log = logging.getLogger("grozd.raft.node")
 _ENVELOPE = struct.Struct(">QQ")  # proposing member, its sequence number; then the payload
 
 
+class Histogram:
+    """Durations in exponential buckets (1 ms doubling to 8 s), as etcd exports them."""
+
+    BOUNDS = tuple(0.001 * 2**i for i in range(14))
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BOUNDS)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        self.count += 1
+        for i, bound in enumerate(self.BOUNDS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+
+    def buckets(self) -> list[tuple[float, int]]:
+        """Cumulative (upper bound, count) pairs."""
+        running, out = 0, []
+        for bound, n in zip(self.BOUNDS, self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
 class StateMachine(Protocol):
     """What the node replicates: deterministic, fed only committed entries."""
 
@@ -167,6 +194,7 @@ class RaftNode:
         self.stats = {"fsyncs": 0, "proposals": 0, "entries_applied": 0, "leader_changes": 0,
                       "snapshots": 0, "readies": 0}
         self.removed = False
+        self.fsync_seconds = Histogram()
         self.force_snapshot = False
         self.joined_members: list = []
         self.durable_vote = (0, 0)  # (term, vote) as last synced
@@ -396,7 +424,9 @@ class RaftNode:
         while True:
             try:
                 if sync:
+                    started = time.perf_counter()
                     await asyncio.to_thread(self.wal.save, hs, rd.entries, sync=True)
+                    self.fsync_seconds.observe(time.perf_counter() - started)
                 else:
                     # A bare commit-index record: a page-cache write, cheaper than a thread hop.
                     self.wal.save(hs, rd.entries, sync=False)
