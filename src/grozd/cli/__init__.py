@@ -12,6 +12,10 @@ from grozd.cli.exit import ExitCode
 TOOLS: dict[str, tuple[str, str]] = {
     "etcd": ("grozd.cli.etcd", "run a store member (the etcd v2 API over Raft), etcd's flags"),
     "sim": ("grozd.cli.sim", "run a simulated Raft cluster under faults and report what happened"),
+    "fleetd": ("grozd.cli.fleetd",
+               "fleet: run the units placed on this machine, elect the engine, serve the API"),
+    "fleetctl": ("grozd.cli.fleetctl",
+                 "fleet's client: submit, start, stop and inspect units across the cluster"),
     "flanneld": ("grozd.cli.flanneld",
                  "flannel: lease an overlay subnet in the store and route to the other hosts"),
 }
