@@ -26,6 +26,7 @@ def cluster(tmp_path: Path):
         members.start_all()
         try:
             lab.run(wait_leader(members, set(range(1, 4))), 30)
+            lab.run(serving(members, set(range(1, 4))), 30)
             yield lab, members
         finally:
             members.stop_all()
@@ -48,6 +49,19 @@ async def wait_leader(members: Members, among: set[int], timeout: float = 15) ->
                 return i
         await asyncio.sleep(0.05)
     raise AssertionError(f"no leader among {sorted(among)}")
+
+
+async def serving(members: Members, among: set[int], timeout: float = 15) -> None:
+    """Until every member in `among` answers clients (a member serves once it has published
+    its client URLs through the cluster, as etcd does)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    waiting = set(among)
+    while waiting and loop.time() < deadline:
+        waiting = {i for i in waiting if await role(members.client_url(i)) is None}
+        if waiting:
+            await asyncio.sleep(0.05)
+    assert not waiting, f"members {sorted(waiting)} do not serve clients"
 
 
 async def writer(endpoints: list[str], acked: list[str], stop: asyncio.Event) -> None:

@@ -194,6 +194,18 @@ class Member:
             await self.node.start()
         except (DataDirMismatchError, NodeError, WALError, SnapshotError, OSError) as e:
             raise StartError(str(e)) from None
+        loop = asyncio.get_running_loop()
+        self.tasks.append(loop.create_task(expiry_loop(
+            self.store, self.backend, self.api_config.clock, lambda: self.node.is_leader)))
+        # Like etcd, serve clients only once this member's client URLs are known cluster-wide:
+        # a client syncing its endpoints from /v2/members must find them.
+        publish = loop.create_task(self.publish_self())
+        self.tasks.append(publish)
+        stopped = loop.create_task(self.node.stopped.wait())
+        await asyncio.wait([publish, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not publish.done():
+            raise StartError("the member stopped before it could join the cluster")
         self.server = make_app(self.store, self.backend, self.api_config)
         for url in self.listen_client_urls:
             host, port = parse_url(url)
@@ -202,10 +214,6 @@ class Member:
             except OSError as e:
                 await self.stop()
                 raise StartError(f"cannot listen for clients on {url}: {e.strerror}") from None
-        loop = asyncio.get_running_loop()
-        self.tasks.append(loop.create_task(expiry_loop(
-            self.store, self.backend, self.api_config.clock, lambda: self.node.is_leader)))
-        self.tasks.append(loop.create_task(self.publish_self()))
         log.info("event=serving_clients member=%x urls=%s", self.node.id,
                  ",".join(self.listen_client_urls))
 

@@ -12,6 +12,8 @@ from grozd.cli.exit import ExitCode
 TOOLS: dict[str, tuple[str, str]] = {
     "etcd": ("grozd.cli.etcd", "run a store member (the etcd v2 API over Raft), etcd's flags"),
     "sim": ("grozd.cli.sim", "run a simulated Raft cluster under faults and report what happened"),
+    "etcdctl": ("grozd.cli.etcdctl",
+                "the etcd v2 command-line client (etcdctl 3.4, ETCDCTL_API=2)"),
     "fleetd": ("grozd.cli.fleetd",
                "fleet: run the units placed on this machine, elect the engine, serve the API"),
     "fleetctl": ("grozd.cli.fleetctl",

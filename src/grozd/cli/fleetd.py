@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("state-dir", type=Path, default=None, metavar="DIR",
          help="unit files, journals and runtime records (default /var/lib/grozd/fleet)")
     flag("runner", choices=("auto", "supervisor", "systemd"), default="auto",
-         help="what runs units: the embedded supervisor, or systemd (not yet available)")
+         help="what runs units: the embedded supervisor, systemd over D-Bus, or auto"
+         " (systemd when it is PID 1)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="log more (-v: what happens to units, -vv: debug)")
     return p

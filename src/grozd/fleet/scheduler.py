@@ -91,6 +91,10 @@ class _State:
         self.on: dict[str, dict[str, SchedUnit]] = {m: {} for m in machines}
         self.where: dict[str, str] = {}
         self.global_on: dict[str, list[SchedUnit]] = {m: [] for m in machines}
+        # Whether any unit has Conflicts=/Replaces=: without them, and without placement
+        # options of its own, every machine suits a unit (see `_choose`).
+        self.rules = any(u.options is not None and (u.options.conflicts or u.options.replaces)
+                         for u in units.values())  # fmt: skip
         for u in units.values():
             if u.is_global and u.desired != INACTIVE and u.error is None and u.options:
                 for mid, m in machines.items():
@@ -242,6 +246,10 @@ def _choose(u: SchedUnit, state: _State) -> tuple[str | None, str | None]:
     for leader in opts.machine_of:
         if state.leader_machines(leader) is None:
             return None, f"MachineOf {leader}: {leader} is not scheduled"
+    if not (state.rules or opts.machine_id or opts.machine_of or opts.machine_metadata):
+        # Nothing can rule a machine out: the least loaded (lowest ID first), as below,
+        # without checking each machine (that made large clusters block the engine).
+        return min(state.machines, key=lambda mid: (len(state.on[mid]), mid)), None
     candidates: list[tuple[int, int, str]] = []
     refusals: list[str] = []
     for mid in sorted(state.machines):

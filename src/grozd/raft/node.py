@@ -334,7 +334,11 @@ class RaftNode:
     def tick(self) -> None:
         if self.stopped.is_set():
             return
-        self.core.tick()
+        core = self.core
+        if core.lead == 0 and core.conf_state().voters == (self.id,):
+            core.campaign_now()  # the only voter: no one to wait for
+        else:
+            core.tick()
         self.ticker = asyncio.get_running_loop().call_later(
             self.config.heartbeat_interval_ms / 1000, self.tick)
         self.schedule()

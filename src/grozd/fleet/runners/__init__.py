@@ -4,7 +4,9 @@ fleet drives systemd over D-Bus; grozd keeps that boundary as an interface so th
 does not care what sits behind it. `grozd.fleet.runners.supervisor.Supervisor` is the
 embedded supervisor used when systemd is not PID 1; a systemd D-Bus runner can implement
 the same methods (load = write the unit file and daemon-reload, start/stop = StartUnit /
-StopUnit, units() = ListUnits, subscribe = PropertiesChanged signals).
+StopUnit, units() = ListUnits, subscribe = PropertiesChanged signals);
+`grozd.fleet.runners.systemd.SystemdRunner` does so, and ``auto`` picks it when systemd
+is PID 1.
 """
 
 from __future__ import annotations
@@ -99,13 +101,13 @@ def make_runner(kind: str, state_dir: str | os.PathLike[str], **options: object)
     from grozd.fleet.runners.supervisor import Supervisor
 
     if kind == "auto":
-        # Until the D-Bus runner exists the supervisor serves both cases; under systemd it
-        # still works, only outside systemd's own bookkeeping.
-        kind = "supervisor"
+        kind = "systemd" if systemd_is_pid1() else "supervisor"
     if kind == "supervisor":
         return Supervisor(Path(state_dir), **options)  # type: ignore[arg-type]
     if kind == "systemd":
-        raise RunnerError(
-            "the systemd D-Bus runner is not implemented yet; use --runner=supervisor"
-        )
+        try:
+            from grozd.fleet.runners.systemd import SystemdRunner
+        except ImportError as exc:
+            raise RunnerError(f"the systemd runner needs dbus-fast: {exc}") from None
+        return SystemdRunner(Path(state_dir), **options)  # type: ignore[arg-type]
     raise RunnerError(f"unknown runner {kind!r}")
