@@ -9,7 +9,7 @@ dev=0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo=sudo
 pkgs="python3 python3-venv python3-dev gcc"
-[ "$dev" = 1 ] && pkgs="$pkgs etcd-server etcd-client iproute2 iputils-ping iperf3 wrk util-linux ethtool"
+[ "$dev" = 1 ] && pkgs="$pkgs etcd-server etcd-client iproute2 iputils-ping iperf3 wrk iptables util-linux ethtool"
 missing=""
 for p in $pkgs; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

@@ -8,15 +8,20 @@ machine's own namespace. Traffic goes only to addresses inside those namespaces.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+
+from grozd.flannel.backends.udp import run_in_netns
 
 UNDERLAY = "veth0"
 ADDR_A, ADDR_B = "192.0.2.1", "192.0.2.2"
@@ -96,9 +101,15 @@ class HostPair:
 
     def add_pod_bridge(self, ns: str, pod_cidr: str) -> None:
         """A bridge holding a "pod" address (e.g. 10.5.3.1/24), as docker's would."""
-        ip("-n", ns, "link", "add", "cbr0", "type", "bridge")
-        ip("-n", ns, "addr", "add", pod_cidr, "dev", "cbr0")
-        ip("-n", ns, "link", "set", "cbr0", "up")
+        add_pod_bridge(ns, pod_cidr)
+
+
+def add_pod_bridge(ns: str, pod_cidr: str) -> None:
+    """A port-less bridge cbr0 in ``ns`` holding a "pod" address (e.g. 10.5.3.1/24), as docker's
+    bridge would (this kernel has no dummy driver)."""
+    ip("-n", ns, "link", "add", "cbr0", "type", "bridge")
+    ip("-n", ns, "addr", "add", pod_cidr, "dev", "cbr0")
+    ip("-n", ns, "link", "set", "cbr0", "up")
 
 
 @contextlib.contextmanager
@@ -120,3 +131,78 @@ def ping_command(ns: str, addr: str, count: int = 2, wait: int = 2) -> list[str]
                 "-W", str(wait), addr]
     return ["ip", "netns", "exec", ns, sys.executable, "-c", _PY_PING, addr, str(count),
             str(wait)]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Hosts (namespaces, veth0 each, on 192.0.2.0/24) plugged into one bridge in ``switch``."""
+
+    switch: str
+    hosts: tuple[str, ...]
+    addrs: tuple[str, ...]
+
+
+@contextlib.contextmanager
+def cluster(count: int = 3) -> Iterator[Cluster]:
+    """``count`` hosts, 192.0.2.1 and up, joined by bridge br0 in a namespace of its own."""
+    with namespaces(count + 1) as (switch, *hosts):
+        ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        ip("-n", switch, "link", "set", "br0", "up")
+        addrs = []
+        for i, ns in enumerate(hosts):
+            port = f"port{i}"
+            ip("-n", switch, "link", "add", port, "type", "veth", "peer", "name", UNDERLAY,
+               "netns", ns)
+            ip("-n", switch, "link", "set", port, "master", "br0")
+            ip("-n", switch, "link", "set", port, "up")
+            addr = f"192.0.2.{i + 1}"
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", UNDERLAY)
+            ip("-n", ns, "link", "set", UNDERLAY, "up")
+            addrs.append(addr)
+        yield Cluster(switch, tuple(hosts), tuple(addrs))
+
+
+def ns_socket(ns: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """An IPv4 socket created inside namespace ``ns`` (it stays there; use it from any thread)."""
+    return run_in_netns(ns, lambda: socket.socket(socket.AF_INET, kind))
+
+
+def tcp_transfer(src_ns: str, src: str, dst_ns: str, dst: str, data: bytes,
+                 timeout: float = 30.0) -> tuple[str, str]:
+    """Sends ``data`` over TCP from ``src`` (in ``src_ns``) to ``dst`` (in ``dst_ns``); returns
+    the sha256 of what the receiver got and the client address the receiver saw."""
+    got: dict[str, object] = {}
+    with ns_socket(dst_ns) as server:
+        server.bind((dst, 0))  # the pod address: answers must come from it (see the notes)
+        server.listen(1)
+        server.settimeout(timeout)
+        port = server.getsockname()[1]
+
+        def receive() -> None:
+            try:
+                conn, peer = server.accept()
+                got["peer"] = peer[0]
+                digest = hashlib.sha256()
+                with conn:
+                    conn.settimeout(timeout)
+                    while chunk := conn.recv(1 << 20):
+                        digest.update(chunk)
+                got["sha256"] = digest.hexdigest()
+            except OSError as exc:
+                got["error"] = exc
+
+        thread = threading.Thread(target=receive, name="tcp-receiver")
+        thread.start()
+        try:
+            with ns_socket(src_ns) as client:
+                client.settimeout(timeout)
+                client.bind((src, 0))
+                client.connect((dst, port))
+                client.sendall(data)
+                client.shutdown(socket.SHUT_WR)
+        finally:
+            thread.join(timeout)
+    if "error" in got:
+        raise got["error"]  # type: ignore[misc]
+    assert "sha256" in got, "the receiver did not finish"
+    return str(got["sha256"]), str(got["peer"])

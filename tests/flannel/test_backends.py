@@ -215,13 +215,61 @@ def test_hostgw_refuses_a_peer_that_is_not_directly_connected():
     assert nl.calls == [] and not b.programmed
 
 
-@pytest.mark.parametrize("btype", ["udp", "uvxlan"])
-def test_backends_without_a_data_path_say_so(btype):
+def test_make_backend_knows_every_type_and_names_them_for_an_unknown_one():
+    from grozd.flannel.backends.udp import UdpDaemonBackend
+    from grozd.flannel.backends.uvxlan import UvxlanBackend
+    from grozd.flannel.backends.vxlan import VxlanBackend
+
+    nl = FakeNetlink()
+    assert type(make_backend(BackendConfig("udp", port=8285), nl, UNDERLAY)) is UdpDaemonBackend
+    assert type(make_backend(BackendConfig("uvxlan"), nl, UNDERLAY)) is UvxlanBackend
+    assert type(make_backend(BackendConfig("vxlan"), nl, UNDERLAY)) is VxlanBackend
+    # A vxlan network whose data path runs in userspace on this host.
+    uv = make_backend(BackendConfig("vxlan"), nl, UNDERLAY, userspace_vxlan=True)
+    assert type(uv) is UvxlanBackend and uv.type == "vxlan" and uv.mtu == 1450
+    assert make_backend(BackendConfig("udp", port=8285), nl, UNDERLAY).mtu == 1472
     with pytest.raises(UnsupportedBackendError) as exc:
-        make_backend(BackendConfig(btype), FakeNetlink(), UNDERLAY)
-    assert str(exc.value) == (
-        f"the {btype} backend has no data path in grozd yet; use vxlan or host-gw"
-    )
+        make_backend(BackendConfig("ipip"), nl, UNDERLAY)
+    assert str(exc.value) == "grozd has no ipip backend; use one of vxlan, host-gw, udp, uvxlan"
+
+
+class FakeVtep:
+    """Stands in for the userspace VTEP: records its FDB changes into the netlink's log."""
+
+    def __init__(self, nl: FakeNetlink) -> None:
+        self.nl = nl
+
+    def set_peer(self, subnet, mac, public_ip):
+        self.nl.calls.append(("vtep_set_peer", str(subnet), mac, public_ip))
+
+    def remove_peer(self, subnet):
+        self.nl.calls.append(("vtep_remove_peer", str(subnet)))
+
+
+def test_uvxlan_programs_like_the_kernel_backend_with_the_fdb_in_userspace():
+    nl = FakeNetlink()
+    b = make_backend(BackendConfig("uvxlan"), nl, UNDERLAY)
+    b.core = FakeVtep(nl)
+    asyncio.run(b.handle(added(PEER)))
+    asyncio.run(b.handle(removed(PEER)))
+    assert nl.calls == [
+        ("neigh_replace", "flannel.1", "10.5.7.0", PEER_MAC),
+        ("vtep_set_peer", "10.5.7.0/24", PEER_MAC, "192.0.2.2"),
+        ("replace_route", "10.5.7.0/24", "10.5.7.0", "flannel.1", True),
+        ("delete_route", "10.5.7.0/24", "10.5.7.0", "flannel.1"),
+        ("vtep_remove_peer", "10.5.7.0/24"),
+        ("neigh_delete", "flannel.1", "10.5.7.0"),
+    ]
+
+
+def test_uvxlan_vtep_mac_is_stable_and_local():
+    from grozd.flannel.backends.uvxlan import stable_mac
+
+    mac = stable_mac(1, "192.0.2.1")
+    assert mac == stable_mac(1, "192.0.2.1") != stable_mac(1, "192.0.2.2")
+    assert stable_mac(1, "192.0.2.2") != stable_mac(2, "192.0.2.2")
+    first = int(mac.split(":")[0], 16)
+    assert first & 2 and not first & 1  # locally administered unicast
 
 
 def test_removal_of_an_ignored_lease_touches_nothing():

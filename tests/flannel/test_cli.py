@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,9 @@ def test_flags_in_both_gnu_and_go_spelling():
         Path("/tmp/s.env"), True, 300.0, 2)
     assert parse_args(["--ip-masq=false"])[0].ip_masq is False
     assert parse_args(["-ip-masq=true"])[0].ip_masq is True
+    assert parse_args([])[0].vxlan_userspace is False
+    assert parse_args(["--vxlan-userspace"])[0].vxlan_userspace is True
+    assert parse_args(["-vxlan-userspace=false"])[0].vxlan_userspace is False
 
 
 @pytest.mark.parametrize(
@@ -62,13 +66,26 @@ def test_usage_errors_exit_2(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def flanneld(etcd_url: str, prefix: str, netns: str, subnet_file: Path) -> subprocess.Popen:
+#: --ip-masq programs iptables (in the test's namespace): only where iptables is installed.
+IP_MASQ = shutil.which("iptables") is not None
+
+
+def flanneld(etcd_url: str, prefix: str, netns: str, subnet_file: Path,
+             *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "grozd.cli.flanneld", f"--etcd-endpoints={etcd_url}",
          f"--etcd-prefix={prefix}", f"--iface={UNDERLAY}", f"--netns={netns}",
-         f"--subnet-file={subnet_file}", "--ip-masq"],
+         f"--subnet-file={subnet_file}", f"--ip-masq={IP_MASQ}", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def wait_for_file(proc: subprocess.Popen, path: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"no {path}"
+        time.sleep(0.05)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 10) -> tuple[int, str]:
@@ -87,13 +104,9 @@ def test_sigterm_stops_cleanly_and_keeps_the_lease(hosts: HostPair, etcd_url, pr
     subnet_file = tmp_path / "run" / "subnet.env"
     proc = flanneld(etcd_url, prefix, hosts.a, subnet_file)
     try:
-        deadline = time.monotonic() + 15
-        while not subnet_file.exists():
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "no subnet file"
-            time.sleep(0.05)
+        wait_for_file(proc, subnet_file)
         env = dict(line.split("=", 1) for line in subnet_file.read_text().splitlines())
-        assert env["FLANNEL_IPMASQ"] == "true" and env["FLANNEL_MTU"] == "1450"
+        assert env["FLANNEL_IPMASQ"] == str(IP_MASQ).lower() and env["FLANNEL_MTU"] == "1450"
         assert "flannel.1" in tool("ip", "-n", hosts.a, "link")
         proc.send_signal(signal.SIGTERM)
         code, err = finish(proc)
@@ -109,14 +122,30 @@ def test_sigterm_stops_cleanly_and_keeps_the_lease(hosts: HostPair, etcd_url, pr
     etcd.close()
 
 
-def test_a_bad_network_config_exits_1_with_the_reason(hosts: HostPair, etcd_url, prefix, tmp_path):
+def test_a_bad_network_config_is_reported_and_waited_out(hosts: HostPair, etcd_url, prefix,
+                                                         tmp_path):
+    """As flannel: the daemon says what is wrong and starts once the config is fixed."""
     etcd = SyncClient([etcd_url])
     etcd.set(f"{prefix}/config", '{"Network": "198.18.0.0/16", "Backend": {"Type": "vxlna"}}')
-    etcd.close()
-    code, err = finish(flanneld(etcd_url, prefix, hosts.a, tmp_path / "subnet.env"))
-    assert code == 1
-    assert (f"{prefix}/config: unknown backend type 'vxlna'; did you mean 'vxlan'?"
-            " (known: vxlan, udp, host-gw, uvxlan)") in err
+    subnet_file = tmp_path / "subnet.env"
+    proc = flanneld(etcd_url, prefix, hosts.a, subnet_file)
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None and not subnet_file.exists()
+        etcd.set(f"{prefix}/config", '{"Network": "198.18.0.0/16"}')
+        wait_for_file(proc, subnet_file)
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        etcd.close()
+    assert code == 0, err
+    assert (f"invalid network config (waiting for a valid one): {prefix}/config: unknown"
+            " backend type 'vxlna'; did you mean 'vxlan'? (known: vxlan, udp, host-gw, uvxlan)"
+            ) in err
+    assert err.count("invalid network config") == 1  # reported once, not at every retry
 
 
 def test_a_missing_namespace_exits_1(etcd_url, prefix, tmp_path):
@@ -128,3 +157,38 @@ def test_a_missing_namespace_exits_1(etcd_url, prefix, tmp_path):
         assert name not in tool("ip", "netns", "list")
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.parametrize(
+    ("backend", "extra", "device", "mtu", "kind"),
+    [
+        ("udp", (), "flannel0", 1472, "tun type tun"),
+        ("uvxlan", (), "flannel.1", 1450, "tun type tap"),
+        ("vxlan", ("--vxlan-userspace",), "flannel.1", 1450, "tun type tap"),
+    ],
+)
+def test_userspace_backends_run_and_stop_as_a_process(hosts: HostPair, etcd_url, prefix, tmp_path,
+                                                     backend, extra, device, mtu, kind):
+    """The whole daemon, its data path threads included: up, subnet.env, SIGTERM, device gone."""
+    etcd = SyncClient([etcd_url])
+    etcd.set(f"{prefix}/config",
+             json.dumps({"Network": "198.18.0.0/16", "Backend": {"Type": backend}}))
+    etcd.close()
+    subnet_file = tmp_path / "subnet.env"
+    proc = flanneld(etcd_url, prefix, hosts.a, subnet_file, *extra)
+    try:
+        wait_for_file(proc, subnet_file)
+        assert f"FLANNEL_MTU={mtu}\n" in subnet_file.read_text()
+        details = tool("ip", "-n", hosts.a, "-d", "link", "show", device)
+        assert kind in details and f"mtu {mtu} " in details
+        proc.send_signal(signal.SIGTERM)
+        code, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, err
+    assert device not in tool("ip", "-n", hosts.a, "link")
+    if IP_MASQ:
+        assert "FLANNEL-POSTRTG" not in tool("ip", "netns", "exec", hosts.a, "iptables", "-t",
+                                             "nat", "-S")

@@ -1,4 +1,4 @@
-# Declarations of the udp backend's data path; bodies live in _datapath.pyx.
+# Declarations of the userspace data paths (flannel's udp, and VXLAN); bodies live in _datapath.pyx.
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from posix.uio cimport iovec
@@ -13,7 +13,8 @@ cdef enum:
     TX_MAX_READS = 64             # TUN reads per batch
     TX_MAX_MSGS = 256             # messages per sendmmsg
     TX_MAX_IOV = 2048             # two per segment: rewritten header, payload slice
-    TX_HDR_POOL = 128 * 1024      # rewritten segment headers (IP + TCP, at most 120 bytes each)
+    TX_HDR_POOL = 128 * 1024      # rewritten segment headers (encapsulation + IP + TCP)
+    SEG_HDR_MAX = 160             # one of them: VXLAN (8) + Ethernet (14) + IP and TCP (120)
     CTRL_SPACE = 64               # control buffer per message (one cmsg with an int)
     UDP_MAX_PAYLOAD = 65507       # 65535 - IPv4 header - UDP header
     GSO_MAX_SEGS = 64             # UDP_MAX_SEGMENTS on older kernels
@@ -23,6 +24,10 @@ cdef enum:
     GROUP_MAX = 64                # TCP segments coalesced into one TUN write
     ICMP_BUF = 192
     VNET_MAX = 16
+    ETH_HLEN = 14
+    VXLAN_HLEN = 8
+    ENCAP_MAX = VXLAN_HLEN + ETH_HLEN
+    ARP_LEN = 42                  # Ethernet + ARP for IPv4
 
 
 # Counters, one array per loop thread (each written only by its thread); Python sums them.
@@ -54,30 +59,47 @@ cdef enum Counter:
     C_DROP_TUN_WRITE_ERROR
     C_GSO_SEND_FALLBACKS
     C_GSO_WRITE_FALLBACKS
+    C_ARP_REPLIES
+    C_RX_CSUM_COMPLETED
+    C_RX_SUPER_FRAMES
+    C_DROP_MULTICAST
+    C_DROP_BAD_VXLAN
     C_COUNT
 
 
+# The route table maps a key to a peer: a destination IPv4 address by longest prefix (udp), or a
+# destination MAC address exactly (VXLAN: the FDB, one group of 48-bit "prefixes").
 cdef struct Route:
-    uint32_t net                  # host byte order
+    uint64_t net                  # host byte order
     sockaddr_in hop
 
 
 cdef struct RouteGroup:
-    uint32_t mask                 # all routes of one prefix length
+    uint64_t mask                 # all routes of one prefix length
     int start
     int count
+
+
+# VXLAN: the addresses answered for on the TAP (each remote subnet's gateway -> its VTEP's MAC).
+cdef struct ArpEntry:
+    uint32_t ip                   # host byte order
+    uint8_t mac[6]
 
 
 cdef struct RouteTable:
     int ngroups                   # longest prefix first
     int nroutes
-    RouteGroup groups[33]
+    int narp
+    RouteGroup groups[49]
     Route *routes                 # sorted by net within each group
+    ArpEntry *arp                 # sorted by ip
 
 
 # What both loops share. Flags are read and written with atomics: the loops clear the offload
 # flags at run time when the kernel refuses an offload, Python reads them.
 cdef struct Shared:
+    int encap                     # 0: flannel udp (IP in UDP, TUN); 1: VXLAN (Ethernet in UDP, TAP)
+    uint8_t vxh[VXLAN_HLEN]       # the VXLAN header every datagram starts with (flags, VNI)
     int tun_fd
     int sock_fd
     int stop_fd
@@ -117,11 +139,14 @@ cdef struct Tx:
     uint8_t vh[VNET_MAX]
     uint8_t zero_vh[VNET_MAX]
     uint8_t icmp[ICMP_BUF]
+    uint8_t pre[ENCAP_MAX]        # VXLAN: what goes before every segment's IP header
+    uint8_t arp[ARP_LEN]
 
 
 # UDP -> TUN: one recvmmsg batch, and the run of same-flow TCP segments being coalesced.
 cdef struct Rx:
     uint64_t *cnt
+    int eth                       # bytes before the IP header of a packet (Ethernet: 14, or 0)
     uint8_t *bufs
     int nbuf
     int bufsize

@@ -1,7 +1,11 @@
-"""The udp backend's data path: TUN <-> UDP forwarding compiled to C, each loop in its own thread.
+"""The userspace data paths: TUN/TAP <-> UDP forwarding compiled to C, each loop in its own thread.
 
-Wire format (flannel's, so a stock flannel ``udp`` peer interoperates): every UDP datagram carries
-exactly one inner IPv4 packet, as is. What makes it fast is how packets cross the kernel boundary:
+Two wire formats share the machinery. flannel's ``udp`` (``encap`` 0, a TUN): every UDP datagram
+carries exactly one inner IPv4 packet, as is, so a stock flannel ``udp`` peer interoperates. VXLAN
+(``encap`` 1, a TAP; RFC 7348 as the kernel's ``vxlan`` device speaks it): every datagram is the
+8-byte header ``08 00 00 00 | VNI << 8`` and one Ethernet frame, addressed to the peer VTEP's MAC;
+peers are found by that MAC (the FDB), and ARP requests for the remote gateways are answered here.
+What makes both fast is how packets cross the kernel boundary:
 
 - TUN -> UDP: with ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` one read returns a TCP super-packet (up to
   64 KB) behind a ``virtio_net_hdr``. It is cut into MSS-sized TCP segments here (headers rewritten,
@@ -16,7 +20,13 @@ Every offload has a per-packet fallback, chosen at start-up by probing, forced b
 and taken at run time when the kernel refuses (EIO/EINVAL): then it is one inner packet per
 datagram and per TUN write, as flannel does (still batched with ``recvmmsg``/``sendmmsg``).
 
-Like flannel, both directions decrement the TTL; unlike stock flannel (which drops silently), an
+VXLAN specifics: a VXLAN hop is a layer-2 link, so the TTL is left alone and nothing sends ICMP.
+A kernel VXLAN sender over veth may leave the inner TCP/UDP checksum partial (the pseudo-header sum
+only; the NIC that would finish it is missing) or even hand over a whole TSO super-frame in one
+datagram: partial checksums are recognised (the field equals the pseudo-header sum) and completed,
+super-frames are written into the TAP as one GSO frame.
+
+udp specifics: like flannel, both directions decrement the TTL; unlike stock flannel (which drops silently), an
 expiring packet gets an ICMP time-exceeded back (into the TUN, or over UDP to the sending peer).
 A destination without a route gets ICMP net-unreachable into the TUN, as flannel does; the ICMP
 source is the unreachable destination, again as flannel does.
@@ -51,6 +61,7 @@ from posix.unistd cimport close, read, usleep, write
 
 from grozd.flannel._linux_if_tun cimport (
     IFF_NO_PI,
+    IFF_TAP,
     IFF_TUN,
     IFF_VNET_HDR,
     TUN_F_CSUM,
@@ -145,6 +156,11 @@ COUNTER_NAMES = (
     "drop_tun_write_error",
     "gso_send_fallbacks",
     "gso_write_fallbacks",
+    "arp_replies",           # VXLAN: ARP requests for a remote gateway answered into the TAP
+    "rx_csum_completed",     # VXLAN: received inner packets whose partial checksum was completed
+    "rx_super_frames",       # VXLAN: received datagrams holding a whole TSO super-frame
+    "drop_multicast",        # VXLAN: broadcast/multicast frames other than ARP (no flooding)
+    "drop_bad_vxlan",        # VXLAN: datagrams without the I flag, of another VNI, or too short
 )
 assert len(COUNTER_NAMES) == C_COUNT
 
@@ -169,6 +185,10 @@ cdef inline uint32_t rd16(const uint8_t *p) noexcept nogil:
 
 cdef inline uint32_t rd32(const uint8_t *p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint64_t rd48(const uint8_t *p) noexcept nogil:
+    return (<uint64_t>rd16(p) << 32) | rd32(p + 2)
 
 
 cdef inline void wr16(uint8_t *p, uint32_t v) noexcept nogil:
@@ -290,10 +310,10 @@ cdef int build_icmp(uint8_t *out, const uint8_t *off, int n, int type, int code)
 # ---------------------------------------------------------------------------------------------
 # Route table
 
-cdef const sockaddr_in *rt_lookup(const RouteTable *t, uint32_t dst) noexcept nogil:
+cdef const sockaddr_in *rt_lookup(const RouteTable *t, uint64_t dst) noexcept nogil:
     """Longest-prefix match: one binary search per distinct prefix length (usually one)."""
     cdef int g, lo, hi, mid
-    cdef uint32_t key
+    cdef uint64_t key
     if t == NULL:
         return NULL
     for g in range(t.ngroups):
@@ -308,6 +328,23 @@ cdef const sockaddr_in *rt_lookup(const RouteTable *t, uint32_t dst) noexcept no
                 hi = mid
             else:
                 return &t.routes[mid].hop
+    return NULL
+
+
+cdef const uint8_t *arp_lookup(const RouteTable *t, uint32_t ip) noexcept nogil:
+    """The MAC to answer an ARP request for ``ip`` with, or NULL."""
+    cdef int lo = 0, hi, mid
+    if t == NULL:
+        return NULL
+    hi = t.narp
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if t.arp[mid].ip < ip:
+            lo = mid + 1
+        elif t.arp[mid].ip > ip:
+            hi = mid
+        else:
+            return t.arp[mid].mac
     return NULL
 
 
@@ -373,7 +410,7 @@ cdef int wait_fd(Shared *sh, int fd, short events) noexcept nogil:
 cdef void tx_begin(Shared *sh, Tx *tx, const sockaddr_in *hop, int seglen) noexcept nogil:
     cdef int i
     cdef msghdr *h
-    if tx.nmsg == TX_MAX_MSGS or tx.niov + 2 > TX_MAX_IOV or tx.hdr_off + 128 > TX_HDR_POOL:
+    if tx.nmsg == TX_MAX_MSGS or tx.niov + 2 > TX_MAX_IOV or tx.hdr_off + SEG_HDR_MAX > TX_HDR_POOL:
         tx_flush(sh, tx)
     i = tx.nmsg
     tx.nmsg += 1
@@ -502,25 +539,29 @@ cdef void tx_flush(Shared *sh, Tx *tx) noexcept nogil:
 
 
 cdef void tx_single(Shared *sh, Tx *tx, uint8_t *pkt, int n, const sockaddr_in *hop) noexcept nogil:
+    """Queues one datagram: the packet (udp), or the VXLAN header and the frame (VXLAN)."""
     tx_begin(sh, tx, hop, 0)
+    if sh.encap:
+        tx_iov(tx, sh.vxh, VXLAN_HLEN)
     tx_iov(tx, pkt, n)
     tx.nseg[tx.cur] = 1
     tx_end(tx)
 
 
-cdef void tx_segment(Shared *sh, Tx *tx, uint8_t *pkt, int n, int mss,
-                     const sockaddr_in *hop) noexcept nogil:
+cdef void tx_segment(Shared *sh, Tx *tx, uint8_t *pkt, int n, int mss, const sockaddr_in *hop,
+                     const uint8_t *pre, int npre) noexcept nogil:
     """Cuts a TCP super-packet into MSS-sized segments, as the NIC would: IP ids count up from the
     super-packet's, sequence numbers advance by the MSS, FIN/PSH stay on the last segment and CWR on
     the first, and both checksums are computed in full (the receiver may be a stock flannel that
-    writes the datagram into its TUN as is). Segments are queued as UDP_SEGMENT trains."""
+    writes the datagram into its TUN as is). ``pre`` (``npre`` bytes: VXLAN and Ethernet headers)
+    goes before each segment's IP header. Segments are queued as UDP_SEGMENT trains."""
     cdef int ihl = (pkt[0] & 15) * 4
     cdef uint8_t *th = pkt + ihl
     cdef int doff = (th[12] >> 4) * 4
     cdef int hlen = ihl + doff
     cdef int payload = n - hlen
     cdef int nseg = (payload + mss - 1) // mss
-    cdef int seg = hlen + mss
+    cdef int seg = npre + hlen + mss
     cdef int per_msg = 1
     cdef int in_msg = 0
     cdef int i, plen
@@ -542,13 +583,17 @@ cdef void tx_segment(Shared *sh, Tx *tx, uint8_t *pkt, int n, int mss,
     base = csum_add(pkt + 12, 8, 0) + htons(6)
     for i in range(nseg):
         plen = payload - i * mss if i == nseg - 1 else mss
-        if in_msg == per_msg or tx.niov + 2 > TX_MAX_IOV or tx.hdr_off + 128 > TX_HDR_POOL:
+        if in_msg == per_msg or tx.niov + 2 > TX_MAX_IOV or tx.hdr_off + SEG_HDR_MAX > TX_HDR_POOL:
             tx_end(tx)
             in_msg = 0
         if in_msg == 0:
             tx_begin(sh, tx, hop, seg if per_msg > 1 else 0)
         h = tx.hdrs + tx.hdr_off
-        tx.hdr_off += (hlen + 7) & ~7
+        tx.hdr_off += (npre + hlen + 7) & ~7
+        if npre:
+            memcpy(h, pre, npre)
+        tx_iov(tx, h, npre + hlen)
+        h += npre
         memcpy(h, pkt, hlen)
         wr16(h + 2, hlen + plen)
         wr16(h + 4, (id0 + i) & 0xffff)
@@ -567,7 +612,6 @@ cdef void tx_segment(Shared *sh, Tx *tx, uint8_t *pkt, int n, int mss,
         s = csum_add(th2, doff, s)
         s = csum_add(data + i * mss, plen, s)
         store_csum(th2 + 16, csum_fold(s))
-        tx_iov(tx, h, hlen)
         tx_iov(tx, data + i * mss, plen)
         tx.nseg[tx.cur] += 1
         in_msg += 1
@@ -580,6 +624,93 @@ cdef void tx_icmp(Shared *sh, Tx *tx, const uint8_t *pkt, int n, int type) noexc
         gz_add(&tx.cnt[<int>(C_ICMP_UNREACHABLE if type == 3 else C_ICMP_TIME_EXCEEDED)], 1)
 
 
+cdef void tx_arp(Shared *sh, Tx *tx, const RouteTable *t, const uint8_t *f, int n) noexcept nogil:
+    """Answers an ARP request for a remote subnet's gateway with its VTEP's MAC, as the kernel's
+    neighbour entry would (flannel installs those as permanent, so requests are rare)."""
+    cdef const uint8_t *mac
+    cdef uint8_t *r = tx.arp
+    if (n < ARP_LEN or rd16(f + 14) != 1 or rd16(f + 16) != 0x0800 or f[18] != 6 or f[19] != 4
+            or rd16(f + 20) != 1):
+        gz_add(&tx.cnt[<int>C_DROP_MULTICAST], 1)
+        return
+    mac = arp_lookup(t, rd32(f + 38))
+    if mac == NULL:
+        gz_add(&tx.cnt[<int>C_DROP_NO_ROUTE], 1)
+        return
+    memcpy(r, f + 6, 6)                  # to the asker
+    memcpy(r + 6, mac, 6)
+    wr16(r + 12, 0x0806)
+    wr16(r + 14, 1)
+    wr16(r + 16, 0x0800)
+    r[18] = 6
+    r[19] = 4
+    wr16(r + 20, 2)                      # reply
+    memcpy(r + 22, mac, 6)               # sender: the gateway, at the VTEP's MAC
+    memcpy(r + 28, f + 38, 4)
+    memcpy(r + 32, f + 22, 6)            # target: the asker
+    memcpy(r + 38, f + 28, 4)
+    if tun_write(sh, tx.zero_vh, r, ARP_LEN) == 0:
+        gz_add(&tx.cnt[<int>C_ARP_REPLIES], 1)
+
+
+cdef void tx_frame(Shared *sh, Tx *tx, const RouteTable *t, uint8_t *f, int n,
+                   const virtio_net_hdr *vh) noexcept nogil:
+    """VXLAN: one frame read from the TAP: ARP, FDB lookup by destination MAC, checksum completion
+    or segmentation, queue."""
+    cdef int et, ihl, doff, cs, co, proto
+    cdef int gso = VIRTIO_NET_HDR_GSO_NONE
+    cdef const sockaddr_in *hop
+    cdef uint8_t *ip
+    cdef uint16_t folded
+    if n < ETH_HLEN:
+        gz_add(&tx.cnt[<int>C_DROP_MALFORMED], 1)
+        return
+    et = rd16(f + 12)
+    if f[0] & 1:
+        # Broadcast or multicast: the kernel backend floods nothing either (no all-zero FDB entry).
+        if et == 0x0806:
+            tx_arp(sh, tx, t, f, n)
+        else:
+            gz_add(&tx.cnt[<int>C_DROP_MULTICAST], 1)
+        return
+    hop = rt_lookup(t, rd48(f))
+    if hop == NULL:
+        gz_add(&tx.cnt[<int>C_DROP_NO_ROUTE], 1)
+        return
+    if vh != NULL:
+        gso = vh.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if gso != VIRTIO_NET_HDR_GSO_NONE:
+        ip = f + ETH_HLEN
+        if gso != VIRTIO_NET_HDR_GSO_TCPV4 or et != 0x0800 or n < ETH_HLEN + 40:
+            gz_add(&tx.cnt[<int>C_DROP_MALFORMED], 1)
+            return
+        ihl = (ip[0] & 15) * 4
+        if (ip[0] >> 4) != 4 or ihl < 20 or ip[9] != 6 or ETH_HLEN + ihl + 20 > n:
+            gz_add(&tx.cnt[<int>C_DROP_MALFORMED], 1)
+            return
+        doff = (ip[ihl + 12] >> 4) * 4
+        if doff < 20 or ETH_HLEN + ihl + doff >= n or vh.gso_size == 0:
+            gz_add(&tx.cnt[<int>C_DROP_MALFORMED], 1)
+            return
+        gz_add(&tx.cnt[<int>C_TUN_SUPER_PACKETS], 1)
+        memcpy(tx.pre, sh.vxh, VXLAN_HLEN)
+        memcpy(tx.pre + VXLAN_HLEN, f, ETH_HLEN)
+        tx_segment(sh, tx, ip, n - ETH_HLEN, vh.gso_size, hop, tx.pre, ENCAP_MAX)
+        return
+    if vh != NULL and (vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM):
+        cs = vh.csum_start
+        co = vh.csum_offset
+        if cs < ETH_HLEN or cs + co + 2 > n:
+            gz_add(&tx.cnt[<int>C_DROP_MALFORMED], 1)
+            return
+        folded = csum_fold(csum_add(f + cs, n - cs, 0))
+        proto = f[ETH_HLEN + 9] if et == 0x0800 else (f[ETH_HLEN + 6] if et == 0x86dd else 0)
+        if folded == 0xffff and proto == 17:
+            folded = 0  # a UDP checksum of 0 means "none": send 0xffff instead
+        store_csum(f + cs + co, folded)
+    tx_single(sh, tx, f, n, hop)
+
+
 cdef void tx_packet(Shared *sh, Tx *tx, const RouteTable *t, uint8_t *pkt, int n,
                     const virtio_net_hdr *vh) noexcept nogil:
     """One packet read from the TUN: route, TTL, checksum completion or segmentation, queue."""
@@ -587,6 +718,9 @@ cdef void tx_packet(Shared *sh, Tx *tx, const RouteTable *t, uint8_t *pkt, int n
     cdef int gso = VIRTIO_NET_HDR_GSO_NONE
     cdef const sockaddr_in *hop
     cdef uint16_t folded
+    if sh.encap:
+        tx_frame(sh, tx, t, pkt, n, vh)
+        return
     if n < 20:
         gz_add(&tx.cnt[<int>C_DROP_MALFORMED], 1)
         return
@@ -628,7 +762,7 @@ cdef void tx_packet(Shared *sh, Tx *tx, const RouteTable *t, uint8_t *pkt, int n
             return
         gz_add(&tx.cnt[<int>C_TUN_SUPER_PACKETS], 1)
         pkt[8] -= 1  # every segment's header checksum is computed afresh
-        tx_segment(sh, tx, pkt, n, vh.gso_size, hop)
+        tx_segment(sh, tx, pkt, n, vh.gso_size, hop, NULL, 0)
         return
     dec_ttl(pkt)
     if vh != NULL and (vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM):
@@ -739,6 +873,100 @@ cdef void rx_write_single(Shared *sh, Rx *rx, const uint8_t *p, int n) noexcept 
         gz_add(&rx.cnt[<int>C_DROP_TUN_WRITE_ERROR], 1)
 
 
+cdef void csum_complete(Rx *rx, uint8_t *p, int n) noexcept nogil:
+    """VXLAN: completes a TCP/UDP checksum left partial by a kernel sender (the field holds the
+    pseudo-header sum: what the sender's NIC would have finished). Any other value is left alone,
+    so a corrupt packet stays corrupt and the kernel drops it. If a complete checksum happens to
+    equal the pseudo-header sum, completing it yields the same value: no harm either way."""
+    cdef int ihl = (p[0] & 15) * 4
+    cdef int proto = p[9]
+    cdef int ln = n - ihl
+    cdef int off
+    cdef uint8_t *l4 = p + ihl
+    cdef uint64_t pseudo
+    cdef uint16_t folded
+    if (rd16(p + 6) & 0x3fff) != 0:
+        return  # a fragment: its checksum spans the whole datagram
+    if proto == 6 and ln >= 20:
+        off = 16
+    elif proto == 17 and ln >= 8 and (l4[6] | l4[7]) != 0:
+        off = 6
+    else:
+        return
+    pseudo = csum_add(p + 12, 8, <uint64_t>htons(<uint16_t>proto) + htons(<uint16_t>ln))
+    folded = csum_fold(pseudo)
+    if memcmp(l4 + off, &folded, 2) != 0:
+        return
+    l4[off] = 0
+    l4[off + 1] = 0
+    folded = csum_fold(csum_add(l4, ln, pseudo))
+    if folded == 0xffff and proto == 17:
+        folded = 0
+    store_csum(l4 + off, folded)
+    gz_add(&rx.cnt[<int>C_RX_CSUM_COMPLETED], 1)
+
+
+cdef void rx_deliver(Shared *sh, Rx *rx, uint8_t *p, int n) noexcept nogil:
+    """One packet into the TUN, or (VXLAN) its frame into the TAP, partial checksum completed."""
+    if rx.eth:
+        csum_complete(rx, p, n)
+    rx_write_single(sh, rx, p - rx.eth, n + rx.eth)
+
+
+cdef void rx_write_super(Shared *sh, Rx *rx, uint8_t *p, int n) noexcept nogil:
+    """VXLAN: a whole TCP super-frame in one datagram (a kernel sender's TSO frame that crossed a
+    veth unsegmented) goes into the TAP as one GSO frame, segment size as the TAP's MTU allows."""
+    cdef int ihl = (p[0] & 15) * 4
+    cdef int doff, e
+    cdef ssize_t r
+    cdef uint16_t folded
+    cdef virtio_net_hdr vh
+    cdef iovec v[2]
+    gz_add(&rx.cnt[<int>C_RX_SUPER_FRAMES], 1)
+    if (not gz_int_load(&sh.tun_gso_write) or p[9] != 6 or n < ihl + 20
+            or (rd16(p + 6) & 0x3fff) != 0):
+        rx_deliver(sh, rx, p, n)  # one oversized frame: the receiving stack takes it
+        return
+    doff = (p[ihl + 12] >> 4) * 4
+    if doff < 20 or ihl + doff >= n or sh.mtu <= ihl + doff:
+        gz_add(&rx.cnt[<int>C_DROP_MALFORMED], 1)
+        return
+    folded = csum_fold(csum_add(p + 12, 8, <uint64_t>htons(6) + htons(<uint16_t>(n - ihl))))
+    memcpy(p + ihl + 16, &folded, 2)
+    memset(&vh, 0, sizeof(vh))
+    vh.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM
+    vh.gso_type = VIRTIO_NET_HDR_GSO_TCPV4
+    vh.hdr_len = ETH_HLEN + ihl + doff
+    vh.gso_size = sh.mtu - ihl - doff
+    vh.csum_start = ETH_HLEN + ihl
+    vh.csum_offset = 16
+    memset(rx.vh, 0, VNET_MAX)
+    memcpy(rx.vh, &vh, sizeof(vh))
+    v[0].iov_base = rx.vh
+    v[0].iov_len = sh.vnet_len
+    v[1].iov_base = p - ETH_HLEN
+    v[1].iov_len = n + ETH_HLEN
+    while True:
+        r = writev(sh.tun_fd, v, 2)
+        e = errno
+        if r < 0 and e == EINTR:
+            continue
+        break
+    if r >= 0:
+        gz_add(&rx.cnt[<int>C_TUN_WRITES], 1)
+        gz_add(&rx.cnt[<int>C_TUN_GSO_WRITES], 1)
+        gz_add(&rx.cnt[<int>C_TUN_WRITE_BYTES], n + ETH_HLEN)
+        gz_add(&rx.cnt[<int>C_RX_PACKETS], 1)
+    elif e == EINVAL:
+        # GSO writes refused: per packet from now on, this frame as one oversized frame (its
+        # checksum field holds the pseudo-header sum, which rx_deliver completes).
+        gz_int_store(&sh.tun_gso_write, 0)
+        gz_add(&rx.cnt[<int>C_GSO_WRITE_FALLBACKS], 1)
+        rx_deliver(sh, rx, p, n)
+    else:
+        gz_add(&rx.cnt[<int>C_DROP_TUN_WRITE_ERROR], 1)
+
+
 cdef void rx_write_gso(Shared *sh, Rx *rx) noexcept nogil:
     """Writes the group as one TCP super-packet: the first segment's headers (length, PSH of the
     last, IP checksum, pseudo-header TCP checksum as partial) and every segment's payload."""
@@ -760,16 +988,16 @@ cdef void rx_write_gso(Shared *sh, Rx *rx) noexcept nogil:
     memset(&vh, 0, sizeof(vh))
     vh.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM
     vh.gso_type = VIRTIO_NET_HDR_GSO_TCPV4
-    vh.hdr_len = hl
+    vh.hdr_len = rx.eth + hl
     vh.gso_size = rx.gmss
-    vh.csum_start = 20
+    vh.csum_start = rx.eth + 20
     vh.csum_offset = 16
     memset(rx.vh, 0, VNET_MAX)
     memcpy(rx.vh, &vh, sizeof(vh))
     rx.wiov[0].iov_base = rx.vh
     rx.wiov[0].iov_len = sh.vnet_len
-    rx.wiov[1].iov_base = f
-    rx.wiov[1].iov_len = rx.glen[0]
+    rx.wiov[1].iov_base = f - rx.eth  # VXLAN: the first frame's Ethernet header stands for all
+    rx.wiov[1].iov_len = rx.glen[0] + rx.eth
     for i in range(1, rx.gn):
         rx.wiov[i + 1].iov_base = rx.gpkt[i] + hl
         rx.wiov[i + 1].iov_len = rx.glen[i] - hl
@@ -787,7 +1015,7 @@ cdef void rx_write_gso(Shared *sh, Rx *rx) noexcept nogil:
     if r >= 0:
         gz_add(&rx.cnt[<int>C_TUN_WRITES], 1)
         gz_add(&rx.cnt[<int>C_TUN_GSO_WRITES], 1)
-        gz_add(&rx.cnt[<int>C_TUN_WRITE_BYTES], rx.gtotal)
+        gz_add(&rx.cnt[<int>C_TUN_WRITE_BYTES], rx.gtotal + rx.eth)
         gz_add(&rx.cnt[<int>C_RX_PACKETS], rx.gn)
         return
     memcpy(f, rx.saved, hl)
@@ -796,14 +1024,14 @@ cdef void rx_write_gso(Shared *sh, Rx *rx) noexcept nogil:
         gz_int_store(&sh.tun_gso_write, 0)
         gz_add(&rx.cnt[<int>C_GSO_WRITE_FALLBACKS], 1)
         for i in range(rx.gn):
-            rx_write_single(sh, rx, rx.gpkt[i], rx.glen[i])
+            rx_deliver(sh, rx, rx.gpkt[i], rx.glen[i])
     else:
         gz_add(&rx.cnt[<int>C_DROP_TUN_WRITE_ERROR], rx.gn)
 
 
 cdef inline void rx_group_flush(Shared *sh, Rx *rx) noexcept nogil:
     if rx.gn == 1:
-        rx_write_single(sh, rx, rx.gpkt[0], rx.glen[0])
+        rx_deliver(sh, rx, rx.gpkt[0], rx.glen[0])
     elif rx.gn > 1:
         rx_write_gso(sh, rx)
     rx.gn = 0
@@ -839,6 +1067,8 @@ cdef bint rx_join(Rx *rx, uint8_t *p, int n) noexcept nogil:
         return False
     if memcmp(p + 12, f + 12, 12) != 0:  # addresses and ports
         return False
+    if rx.eth and memcmp(p - rx.eth, f - rx.eth, rx.eth) != 0:  # VXLAN: the same MACs
+        return False
     if memcmp(p + 28, f + 28, 4) != 0 or memcmp(p + 34, f + 34, 2) != 0:  # ack, window
         return False
     if doff > 20 and memcmp(p + 40, f + 40, doff - 20) != 0:  # options
@@ -853,10 +1083,50 @@ cdef bint rx_join(Rx *rx, uint8_t *p, int n) noexcept nogil:
     return True
 
 
+cdef void rx_vxlan(Shared *sh, Rx *rx, uint8_t *p, int n, int coalesce) noexcept nogil:
+    """VXLAN: one datagram: header and VNI checked, then the frame coalesced or written as is."""
+    cdef uint8_t *f
+    cdef uint8_t *ip
+    cdef int ihl, tot
+    if n < VXLAN_HLEN + ETH_HLEN or (p[0] & 0x08) == 0 or memcmp(p + 4, sh.vxh + 4, 3) != 0:
+        gz_add(&rx.cnt[<int>C_DROP_BAD_VXLAN], 1)
+        return
+    f = p + VXLAN_HLEN
+    n -= VXLAN_HLEN
+    if rd16(f + 12) != 0x0800 or n < ETH_HLEN + 20:
+        # ARP, IPv6, ...: layer 2 carries them as they are.
+        if coalesce:
+            rx_group_flush(sh, rx)
+        rx_write_single(sh, rx, f, n)
+        return
+    ip = f + ETH_HLEN
+    ihl = (ip[0] & 15) * 4
+    tot = rd16(ip + 2)
+    if (ip[0] >> 4) != 4 or ihl < 20 or tot < ihl or tot > n - ETH_HLEN:
+        gz_add(&rx.cnt[<int>C_DROP_MALFORMED], 1)
+        return
+    if tot > sh.mtu:
+        if coalesce:
+            rx_group_flush(sh, rx)
+        rx_write_super(sh, rx, ip, tot)
+        return
+    if coalesce:
+        if rx_join(rx, ip, tot):
+            return
+        rx_group_flush(sh, rx)
+        if tcp_candidate(ip, tot):
+            rx_group_start(rx, ip, tot)
+            return
+    rx_deliver(sh, rx, ip, tot)
+
+
 cdef void rx_packet(Shared *sh, Rx *rx, uint8_t *p, int n, const sockaddr_in *src,
                     int coalesce) noexcept nogil:
     """One inner packet from a datagram: TTL, then coalesce or write."""
     cdef int ihl, tot, m
+    if sh.encap:
+        rx_vxlan(sh, rx, p, n, coalesce)
+        return
     if n < 20:
         gz_add(&rx.cnt[<int>C_DROP_MALFORMED], 1)
         return
@@ -971,12 +1241,23 @@ cdef class Core:
     """The compiled data path over a TUN fd and a UDP socket fd (both stay owned by the caller).
 
     ``offload``: 1 requires the offloads (OSError/ValueError when refused), 0 forces per-packet,
-    -1 probes each offload and falls back where refused. ``run_tx``/``run_rx`` are the loops (each
-    blocks, without the GIL, until `request_stop`); run each in its own thread.
+    -1 probes each offload and falls back where refused. ``encap``: 0 is flannel's udp format over a
+    TUN, 1 is VXLAN with network identifier ``vni`` over a TAP. ``run_tx``/``run_rx`` are the loops
+    (each blocks, without the GIL, until `request_stop`); run each in its own thread.
     """
 
-    def __cinit__(self, int tun_fd, int sock_fd, int mtu, int offload):
+    def __cinit__(self, int tun_fd, int sock_fd, int mtu, int offload, int encap=0,
+                  unsigned int vni=0):
         self.sh = <Shared *>xcalloc(sizeof(Shared))
+        if encap not in (0, 1):
+            raise ValueError(f"unknown encapsulation {encap}")
+        if vni >= (1 << 24):
+            raise ValueError(f"VNI {vni} does not fit in 24 bits")
+        self.sh.encap = encap
+        self.sh.vxh[0] = 0x08  # the I flag: the VNI is valid
+        self.sh.vxh[4] = (vni >> 16) & 0xff
+        self.sh.vxh[5] = (vni >> 8) & 0xff
+        self.sh.vxh[6] = vni & 0xff
         self.sh.tun_fd = tun_fd
         self.sh.sock_fd = sock_fd
         self.sh.mtu = mtu
@@ -1010,7 +1291,7 @@ cdef class Core:
         if self.sh != NULL:
             if self.sh.stop_fd >= 0:
                 close(self.sh.stop_fd)
-            free(self.sh.table)
+            free(self.sh.table)  # its ARP entries live in the same allocation
             free(self.sh)
 
     cdef void _probe(self, int offload) except *:
@@ -1022,7 +1303,10 @@ cdef class Core:
         memset(&ifr, 0, sizeof(ifr))
         if ioctl(sh.tun_fd, TUNGETIFF, &ifr) < 0:
             raise OSError(errno, "TUNGETIFF failed: tun_fd is not an attached TUN device")
-        if not (ifr.ifr_flags & IFF_TUN) or not (ifr.ifr_flags & IFF_NO_PI):
+        if sh.encap:
+            if (ifr.ifr_flags & 3) != IFF_TAP or not (ifr.ifr_flags & IFF_NO_PI):
+                raise ValueError("VXLAN needs a TAP (not TUN) device opened with IFF_NO_PI")
+        elif (ifr.ifr_flags & 3) != IFF_TUN or not (ifr.ifr_flags & IFF_NO_PI):
             raise ValueError("tun_fd must be a TUN (not TAP) device opened with IFF_NO_PI")
         if ifr.ifr_flags & IFF_VNET_HDR:
             if ioctl(sh.tun_fd, TUNGETVNETHDRSZ, &sz) < 0:
@@ -1035,7 +1319,8 @@ cdef class Core:
                 if offload == 1:
                     raise ValueError("offloads need a TUN opened with IFF_VNET_HDR")
             else:
-                fl = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+                # VXLAN carries any frame: IPv6 TCP is left for the kernel to segment.
+                fl = TUN_F_CSUM | TUN_F_TSO4 | (0 if sh.encap else TUN_F_TSO6)
                 if ioctl(sh.tun_fd, TUNSETOFFLOAD, <unsigned long>fl) == 0:
                     sh.tso = 1
                 elif offload == 1:
@@ -1081,7 +1366,9 @@ cdef class Core:
         tx.nseg = <int *>xcalloc(sizeof(int) * TX_MAX_MSGS)
         self.rx = rx = <Rx *>xcalloc(sizeof(Rx))
         rx.cnt = self.sh.rx
-        if self.sh.udp_gro:
+        rx.eth = ETH_HLEN if self.sh.encap else 0
+        # VXLAN: a kernel sender's whole TSO frame can arrive as one datagram, GRO or not.
+        if self.sh.udp_gro or self.sh.encap:
             rx.nbuf = RX_GRO_BUFS
             rx.bufsize = RX_GRO_BUF
         else:
@@ -1128,27 +1415,48 @@ cdef class Core:
         if write(self.sh.stop_fd, &one, sizeof(one)) < 0 and errno != EAGAIN:
             PyErr_SetFromErrno(OSError)
 
-    def set_routes(self, entries) -> None:
+    def set_routes(self, entries, arp=()) -> None:
         """Replaces the route table: ``entries`` are ``(net, prefixlen, peer_ip, port)`` with the
-        addresses as integers. The old table is freed once the TUN loop no longer reads it."""
+        addresses as integers: IPv4 destinations (udp; prefixes up to 32 bits) or destination MACs
+        (VXLAN; 48 bits, exact). ``arp``: ``(ip, mac)`` integers, the gateways answered for
+        (VXLAN). The old table is freed once the TUN loop no longer reads it."""
         cdef list items = sorted(entries, key=lambda e: (-e[1], e[0]))
+        cdef list arps = sorted(arp)
         cdef Py_ssize_t n = len(items)
+        cdef Py_ssize_t na = len(arps)
         cdef Py_ssize_t i
         cdef int g = -1
         cdef int plen, last = -1
-        cdef uint32_t net, mask
+        cdef int width = 48 if self.sh.encap else 32
+        cdef int k
+        cdef object limit = (<object>1) << width
+        cdef uint64_t net, mask, mac
         cdef RouteTable *t
         cdef RouteTable *old
-        t = <RouteTable *>xcalloc(sizeof(RouteTable) + <size_t>n * sizeof(Route))
+        t = <RouteTable *>xcalloc(sizeof(RouteTable) + <size_t>n * sizeof(Route)
+                                  + <size_t>na * sizeof(ArpEntry))
         t.routes = <Route *>(<char *>t + sizeof(RouteTable))
+        t.arp = <ArpEntry *>(<char *>t.routes + <size_t>n * sizeof(Route))
         t.nroutes = <int>n
+        t.narp = <int>na
         try:
+            for i in range(na):
+                ip_i, mac_i = arps[i]
+                if not 0 <= ip_i < (1 << 32) or not 0 <= mac_i < (1 << 48):
+                    raise ValueError(f"bad ARP entry {arps[i]!r}")
+                if i and arps[i - 1][0] == ip_i:
+                    raise ValueError(f"duplicate ARP entry {arps[i]!r}")
+                t.arp[i].ip = <uint32_t>ip_i
+                mac = <uint64_t>mac_i
+                for k in range(6):
+                    t.arp[i].mac[k] = (mac >> (40 - 8 * k)) & 0xff
             for i in range(n):
                 net_i, plen, ip_i, port = items[i]
-                if not 0 <= plen <= 32 or not 0 < port < 65536:
+                if not 0 <= plen <= width or not 0 < port < 65536 or not 0 <= net_i < limit:
                     raise ValueError(f"bad route {items[i]!r}")
-                mask = 0 if plen == 0 else (<uint32_t>0xffffffff) << (32 - plen)
-                net = <uint32_t>net_i
+                mask = 0 if plen == 0 else ((<uint64_t>1 << width) - 1) & (
+                    ((<uint64_t>1 << width) - 1) << (width - plen))
+                net = <uint64_t>net_i
                 if net & ~mask:
                     raise ValueError(f"route {items[i]!r} has host bits set")
                 if plen != last:

@@ -6,6 +6,7 @@ cdef extern from "<linux/if_tun.h>" nogil:
         TUNSETOFFLOAD
         TUNGETVNETHDRSZ
         IFF_TUN
+        IFF_TAP
         IFF_NO_PI
         IFF_VNET_HDR
         TUN_F_CSUM

@@ -61,12 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     flag("subnet-file", default=str(DEFAULT_SUBNET_FILE), metavar="PATH",
          help="where to write the subnet env (default %(default)s)")
     flag("ip-masq", nargs="?", const=True, default=False, type=_bool, metavar="BOOL",
-         help="set FLANNEL_IPMASQ=true in the subnet file (traffic leaving the overlay"
-         " is to be masqueraded)")
+         help="masquerade traffic leaving the overlay (iptables nat rules, removed on exit)"
+         " and set FLANNEL_IPMASQ=true in the subnet file")
     flag("subnet-lease-renew-margin", type=int, default=60, metavar="MINUTES",
          help="renew the lease this many minutes before it expires (default %(default)s)")
     flag("netns", metavar="NAME",
          help="program network namespace NAME instead of this one (grozd; for testing)")
+    flag("vxlan-userspace", nargs="?", const=True, default=False, type=_bool, metavar="BOOL",
+         help="run a vxlan network's data path in userspace on this host (TAP + UDP socket,"
+         " wire-compatible with kernel VXLAN hosts; grozd's, e.g. for kernels without VXLAN)")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, metavar="LEVEL",
                    help="log verbosity; 1 or more logs debug messages")
     return p
@@ -89,6 +92,7 @@ def parse_args(argv: list[str]) -> tuple[FlanneldConfig, int]:
         subnet_file=Path(args.subnet_file),
         ip_masq=args.ip_masq,
         netns=args.netns,
+        vxlan_userspace=args.vxlan_userspace,
         renew_margin=args.subnet_lease_renew_margin * 60.0,
     )
     return config, args.verbosity

@@ -5,7 +5,11 @@ prepare the backend (whose data goes into the lease), acquire a lease (preferrin
 subnet of the previous run), configure the host for it and write subnet.env. Then it
 renews the lease and programs the backend for every other host's lease as they come and
 go. `Flanneld.stop` (SIGTERM) ends it cleanly and keeps the lease, as flannel does, so a
-restarted daemon gets the same subnet and containers keep their addresses.
+restarted daemon gets the same subnet and containers keep their addresses; with ``ip_masq`` its
+masquerading rules are removed on the way out, and a userspace data path (udp, uvxlan) stops.
+
+Bad data in the store costs only itself: a malformed network config is reported and waited out
+(as flannel retries it), a malformed lease, or one outside the network, is reported and skipped.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from pathlib import Path
 from grozd.client import Client, EtcdError, EtcdUnavailable, KeyNotFoundError
 from grozd.flannel.backends import Backend, BackendError, make_backend
 from grozd.flannel.config import DEFAULT_PREFIX, ConfigError, NetworkConfig, parse_config
+from grozd.flannel.ipmasq import IpMasq, IpMasqError
 from grozd.flannel.leases import (
     RENEW_MARGIN,
     RENEW_RETRY,
     SUBNET_TTL,
+    EventType,
     Lease,
     LeaseAttrs,
     LeaseError,
@@ -51,10 +57,11 @@ class FlanneldError(Exception):
 
 @dataclass
 class FlanneldConfig:
-    """The daemon's settings (flannel's flags; ``netns`` is grozd's own).
+    """The daemon's settings (flannel's flags; ``netns`` and ``vxlan_userspace`` are grozd's).
 
     ``netns`` makes the daemon program a named network namespace instead of its own,
-    while it still reaches the store from where it runs.
+    while it still reaches the store from where it runs. ``vxlan_userspace`` runs a vxlan
+    network's data path in userspace on this host (the ``uvxlan`` backend; wire-compatible).
     """
 
     etcd_endpoints: list[str] = field(default_factory=lambda: list(DEFAULT_ENDPOINTS))
@@ -64,6 +71,7 @@ class FlanneldConfig:
     subnet_file: Path = DEFAULT_SUBNET_FILE
     ip_masq: bool = False
     netns: str | None = None
+    vxlan_userspace: bool = False
     subnet_ttl: int = SUBNET_TTL
     renew_margin: float = RENEW_MARGIN
     renew_retry: float = RENEW_RETRY
@@ -75,7 +83,8 @@ class Flanneld:
     """One flannel daemon; `run` it, `stop` it.
 
     After `ready` is set, ``lease``, ``network``, ``underlay`` and ``backend`` describe
-    the running state; ``event_errors`` keeps the last lease events that failed.
+    the running state; ``event_errors`` keeps the last lease events that failed, and
+    ``config_errors`` the invalid network configs seen while waiting for a valid one.
     """
 
     def __init__(self, config: FlanneldConfig) -> None:
@@ -86,6 +95,7 @@ class Flanneld:
         self.underlay: Underlay | None = None
         self.backend: Backend | None = None
         self.event_errors: deque[tuple[LeaseEvent, Exception]] = deque(maxlen=100)
+        self.config_errors: deque[str] = deque(maxlen=100)
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -119,7 +129,8 @@ class Flanneld:
             self.underlay = await self._find_underlay(netlink)
             async with Client(cfg.etcd_endpoints, timeout=cfg.etcd_timeout) as etcd:
                 await self._serve(netlink, etcd, self.underlay)
-        except (ConfigError, LeaseLostError, BackendError, ValueError, OSError) as exc:
+        except (ConfigError, LeaseLostError, BackendError, IpMasqError, ValueError,
+                OSError) as exc:
             # OSError: netlink failures during setup, an unwritable subnet file.
             raise FlanneldError(str(exc)) from exc
         finally:
@@ -146,26 +157,48 @@ class Flanneld:
     async def _serve(self, netlink: Netlink, etcd: Client, underlay: Underlay) -> None:
         cfg = self.config
         network = self.network = await self._wait_for_config(etcd)
-        backend = self.backend = make_backend(network.backend, netlink, underlay)
-        data = await backend.setup()
-        manager = LeaseManager(
-            etcd, network, cfg.etcd_prefix, ttl=cfg.subnet_ttl,
-            renew_margin=cfg.renew_margin, renew_retry=cfg.renew_retry,
+        backend = self.backend = make_backend(
+            network.backend, netlink, underlay, network.network,
+            userspace_vxlan=cfg.vxlan_userspace,
         )  # fmt: skip
-        attrs = LeaseAttrs(underlay.public_ip, backend.type, data)
-        lease = self.lease = await self._acquire(
-            manager, attrs, previous_subnet(cfg.subnet_file)
-        )
-        await backend.configure(lease)
-        write_subnet_env(
-            cfg.subnet_file,
-            SubnetEnv.for_lease(network.network, lease.subnet, backend.mtu, cfg.ip_masq),
-        )
-        log.info("lease %s written to %s", lease.subnet, cfg.subnet_file)
-        self.ready.set()
+        masq = IpMasq(cfg.netns) if cfg.ip_masq else None
+        try:
+            data = await backend.setup()
+            manager = LeaseManager(
+                etcd, network, cfg.etcd_prefix, ttl=cfg.subnet_ttl,
+                renew_margin=cfg.renew_margin, renew_retry=cfg.renew_retry,
+            )  # fmt: skip
+            attrs = LeaseAttrs(underlay.public_ip, backend.type, data)
+            lease = self.lease = await self._acquire(
+                manager, attrs, previous_subnet(cfg.subnet_file)
+            )
+            await backend.configure(lease)
+            if masq is not None:
+                await masq.install(network.network, lease.subnet)
+            write_subnet_env(
+                cfg.subnet_file,
+                SubnetEnv.for_lease(network.network, lease.subnet, backend.mtu, cfg.ip_masq),
+            )
+            log.info("lease %s written to %s", lease.subnet, cfg.subnet_file)
+            self.ready.set()
+            await self._run_tasks(manager, backend, lease, network)
+        finally:
+            # Also on cancellation (stop): these awaits run before the cancellation completes.
+            if masq is not None:
+                try:
+                    await masq.remove()
+                except IpMasqError as exc:
+                    log.error("removing the masquerading rules failed: %s", exc)
+            try:
+                await backend.close()
+            except (BackendError, OSError) as exc:
+                log.error("stopping the %s backend failed: %s", network.backend.type, exc)
 
+    async def _run_tasks(
+        self, manager: LeaseManager, backend: Backend, lease: Lease, network: NetworkConfig
+    ) -> None:
         renew = asyncio.create_task(manager.keep_alive(lease, on_renew=self._renewed))
-        watch = asyncio.create_task(self._watch(manager, backend, lease.subnet))
+        watch = asyncio.create_task(self._watch(manager, backend, lease.subnet, network))
         try:
             done, _ = await asyncio.wait({renew, watch}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -182,6 +215,7 @@ class Flanneld:
     async def _wait_for_config(self, etcd: Client) -> NetworkConfig:
         key = f"/{self.config.etcd_prefix.strip('/')}/config"
         waiting_logged = False
+        reported: str | None = None
         while True:
             try:
                 resp = await etcd.get(key)
@@ -192,12 +226,20 @@ class Flanneld:
             except (EtcdUnavailable, EtcdError) as exc:
                 log.warning("cannot read the network config (retrying): %s", exc)
             else:
-                if resp.node is None or resp.node.dir or resp.node.value is None:
-                    raise ConfigError(f"{key} is a directory, not the network config")
                 try:
+                    if resp.node is None or resp.node.dir or resp.node.value is None:
+                        raise ConfigError("a directory, not the network config")
                     network = parse_config(resp.node.value)
                 except ConfigError as exc:
-                    raise ConfigError(f"{key}: {exc}") from None
+                    # As flannel: an operator fixes the key and every daemon goes on by itself.
+                    message = f"{key}: {exc}"
+                    if message != reported:
+                        log.error("invalid network config (waiting for a valid one): %s",
+                                  message)
+                        self.config_errors.append(message)
+                        reported = message
+                    await asyncio.sleep(self.config.retry)
+                    continue
                 log.info("network %s, subnets /%d from %s to %s, backend %s", network.network,
                          network.subnet_len, network.subnet_min, network.subnet_max,
                          network.backend.type)
@@ -218,11 +260,21 @@ class Flanneld:
                 log.error("failed to acquire a lease (retrying in %gs): %s", delay, exc)
                 await asyncio.sleep(delay)
 
-    async def _watch(self, manager: LeaseManager, backend: Backend, own: IPv4Network) -> None:
+    async def _watch(
+        self, manager: LeaseManager, backend: Backend, own: IPv4Network, network: NetworkConfig
+    ) -> None:
         async for event in manager.watch_leases(exclude=own, retry=self.config.retry):
+            if not event.lease.subnet.subnet_of(network.network):
+                # A route for it could capture traffic that is not the overlay's at all.
+                if event.type is EventType.ADDED:
+                    exc = BackendError(f"lease {event.lease.subnet} is outside the network"
+                                       f" {network.network}; ignored")
+                    log.error("%s", exc)
+                    self.event_errors.append((event, exc))
+                continue
             try:
                 await backend.handle(event)
-            except (BackendError, NetlinkOpError) as exc:
+            except (BackendError, NetlinkOpError, OSError, ValueError) as exc:
                 # One bad lease must not stop routing to the others.
                 log.error("%s lease %s: %s", event.type, event.lease.subnet, exc)
                 self.event_errors.append((event, exc))

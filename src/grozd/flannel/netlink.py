@@ -210,6 +210,18 @@ class Netlink:
             lambda i: self._req(f"set {name} up", self._ipr.link, "set", index=i, state="up"),
         )
 
+    async def delete_link(self, name: str) -> bool:
+        """Delete interface ``name``; False if there was none."""
+        return await self._call(self._delete_link, name)
+
+    def _delete_link(self, name: str) -> bool:
+        self._index_cache.pop(name, None)
+        msg = self._link_msg(name)
+        if msg is None:
+            return False
+        return self._absent_ok(f"delete {name}", (errno.ENODEV,), self._ipr.link, "del",
+                               index=msg["index"])
+
     async def ensure_vxlan(
         self,
         name: str,

@@ -3,7 +3,12 @@
 A backend prepares the host (`Backend.setup`, before the lease: its result is published
 as the lease's BackendData), configures the host's own lease (`Backend.configure`) and
 then programs one set of kernel entries per remote lease (`Backend.add` /
-`Backend.remove`, driven by `Backend.handle`).
+`Backend.remove`, driven by `Backend.handle`). `Backend.close` ends what runs in this process
+(the userspace data paths); kernel state is left as flannel leaves it.
+
+Backend types: ``vxlan`` (the kernel's VXLAN device), ``host-gw`` (plain routes), ``udp``
+(flannel's TUN + UDP encapsulation, in userspace) and ``uvxlan`` (VXLAN in userspace over a TAP,
+wire-compatible with ``vxlan``: it publishes and programs leases of BackendType ``vxlan``).
 """
 
 from __future__ import annotations
@@ -29,14 +34,20 @@ class UnsupportedBackendError(BackendError):
 
 
 class Backend(abc.ABC):
-    """The common part of the kernel backends: bookkeeping and event dispatch."""
+    """The common part of the backends: bookkeeping and event dispatch.
+
+    ``type`` is the BackendType its leases carry and the one it programs; ``network`` is the
+    whole overlay (needed by the backends that route all of it into a device).
+    """
 
     type: ClassVar[str]
 
-    def __init__(self, config: BackendConfig, netlink: Netlink, underlay: Underlay) -> None:
+    def __init__(self, config: BackendConfig, netlink: Netlink, underlay: Underlay,
+                 network: IPv4Network | None = None) -> None:
         self.config = config
         self.netlink = netlink
         self.underlay = underlay
+        self.network = network
         #: Remote leases as programmed, so a removal undoes exactly what was installed.
         self.programmed: dict[IPv4Network, Lease] = {}
 
@@ -51,6 +62,9 @@ class Backend(abc.ABC):
 
     async def configure(self, lease: Lease) -> None:  # noqa: B027 - optional hook
         """Configure the host for its own lease (e.g. the VTEP address)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop what runs in this process (the kernel's routes and devices stay)."""
 
     async def handle(self, event: LeaseEvent) -> None:
         """Apply one lease event (errors are `BackendError` / `NetlinkOpError`)."""
@@ -97,18 +111,33 @@ class Backend(abc.ABC):
         )
 
 
-def make_backend(config: BackendConfig, netlink: Netlink, underlay: Underlay) -> Backend:
-    """The backend for ``config.type``."""
+def make_backend(
+    config: BackendConfig,
+    netlink: Netlink,
+    underlay: Underlay,
+    network: IPv4Network | None = None,
+    *,
+    userspace_vxlan: bool = False,
+) -> Backend:
+    """The backend for ``config.type``; ``userspace_vxlan`` runs a ``vxlan`` network's data path
+    in userspace on this host (``uvxlan``), e.g. where the kernel has no VXLAN driver."""
     from grozd.flannel.backends.hostgw import HostGwBackend
+    from grozd.flannel.backends.udp import UdpDaemonBackend
+    from grozd.flannel.backends.uvxlan import UvxlanBackend
     from grozd.flannel.backends.vxlan import VxlanBackend
 
-    kinds: dict[str, type[Backend]] = {"vxlan": VxlanBackend, "host-gw": HostGwBackend}
+    kinds: dict[str, type[Backend]] = {
+        "vxlan": UvxlanBackend if userspace_vxlan else VxlanBackend,
+        "host-gw": HostGwBackend,
+        "udp": UdpDaemonBackend,
+        "uvxlan": UvxlanBackend,
+    }
     cls = kinds.get(config.type)
     if cls is None:
         raise UnsupportedBackendError(
-            f"the {config.type} backend has no data path in grozd yet; use vxlan or host-gw"
+            f"grozd has no {config.type} backend; use one of {', '.join(kinds)}"
         )
-    return cls(config, netlink, underlay)
+    return cls(config, netlink, underlay, network)
 
 
 __all__ = ["Backend", "BackendError", "UnsupportedBackendError", "make_backend"]

@@ -9,15 +9,21 @@ the public IP, port 8285. Every datagram carries one inner IPv4 packet as is, so
 Everything that has to happen inside the host's network namespace (opening the TUN, configuring
 it, creating the socket) runs in a short-lived thread that has ``setns``'d into it; the fds keep
 working from any thread afterwards. Only plain ioctls are used, no netlink library.
+
+`UdpBackend` is usable on its own (tests, benchmarks); `UdpDaemonBackend` is what ``flanneld``
+drives: it creates the `UdpBackend` for the host's lease and routes every remote lease to its
+host's PublicIP.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import ctypes
 import errno
 import fcntl
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -26,9 +32,15 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import TypeVar
 
+from grozd.flannel.backends import Backend, BackendError
+from grozd.flannel.config import BackendConfig
 from grozd.flannel.datapath import DEFAULT_PORT, UdpDataPath
+from grozd.flannel.leases import Lease
+from grozd.flannel.netlink import Netlink, Underlay
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Outer IPv4 (20) + UDP (8) headers.
 ENCAP_OVERHEAD = 28
@@ -37,13 +49,14 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
-IFF_TUN, IFF_NO_PI, IFF_VNET_HDR, IFF_UP = 0x0001, 0x1000, 0x4000, 0x1
+IFF_TUN, IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_UP = 0x0001, 0x0002, 0x1000, 0x4000, 0x1
 SIOCGIFCONF, SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8912, 0x8913, 0x8914
 SIOCSIFADDR, SIOCSIFNETMASK, SIOCGIFMTU, SIOCSIFMTU = 0x8916, 0x891C, 0x8921, 0x8922
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 IFREQ_SIZE = 40  # struct ifreq on Linux (16-byte name + 24-byte union)
 
-__all__ = ["DEFAULT_PORT", "ENCAP_OVERHEAD", "UdpBackend", "open_tun", "run_in_netns"]
+__all__ = ["DEFAULT_PORT", "ENCAP_OVERHEAD", "UdpBackend", "UdpDaemonBackend", "open_tun",
+           "run_in_netns", "udp_socket"]
 
 
 def _setns(fd: int) -> None:
@@ -99,12 +112,13 @@ def _sockaddr_in(addr: IPv4Address) -> bytes:
     return struct.pack("HH4s", socket.AF_INET, 0, addr.packed)
 
 
-def open_tun(name: str, vnet_hdr: bool) -> tuple[int, str]:
-    """Creates TUN ``name`` (IFF_TUN | IFF_NO_PI, plus IFF_VNET_HDR) in this thread's namespace;
-    returns the fd (closing it removes the device) and the name the kernel gave it."""
+def open_tun(name: str, vnet_hdr: bool, *, tap: bool = False) -> tuple[int, str]:
+    """Creates TUN ``name`` (IFF_TUN | IFF_NO_PI, plus IFF_VNET_HDR; IFF_TAP instead of IFF_TUN
+    with ``tap``) in this thread's namespace; returns the fd (closing it removes the device) and
+    the name the kernel gave it."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        flags = (IFF_TAP if tap else IFF_TUN) | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
         res = fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, struct.pack("H", flags)))
     except BaseException:
         os.close(fd)
@@ -146,7 +160,8 @@ def _interface_with(addr: IPv4Address) -> tuple[str, int] | None:
     return None
 
 
-def _udp_socket(bind_ip: IPv4Address, port: int) -> socket.socket:
+def udp_socket(bind_ip: IPv4Address, port: int) -> socket.socket:
+    """A UDP socket bound to ``bind_ip:port`` with room for bursts (in this thread's namespace)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         # Bursts of 64 KB trains: give the socket room (forcing past rmem_max needs CAP_NET_ADMIN).
@@ -231,7 +246,7 @@ class UdpBackend:
             try:
                 _configure_link(name, self.address, mtu)
                 bind_ip = self.public_ip if underlay is not None else IPv4Address(0)
-                sock = _udp_socket(bind_ip, self.port)
+                sock = udp_socket(bind_ip, self.port)
             except BaseException:
                 os.close(fd)
                 raise
@@ -288,3 +303,62 @@ class UdpBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class UdpDaemonBackend(Backend):
+    """flannel's ``udp`` backend as the daemon drives it: a `UdpBackend` for the host's lease.
+
+    The TUN (``flannel0``) appears when the lease is known (`configure`: its address is the
+    lease's ``.0`` with the network's prefix, so the kernel routes the whole overlay into it);
+    every remote lease becomes a route of the data path to its host's PublicIP. `close` stops
+    forwarding and removes the TUN. Leases carry no BackendData, as flannel's.
+    """
+
+    type = "udp"
+
+    def __init__(self, config: BackendConfig, netlink: Netlink, underlay: Underlay,
+                 network: IPv4Network | None = None) -> None:
+        super().__init__(config, netlink, underlay, network)
+        self.core: UdpBackend | None = None
+
+    @property
+    def mtu(self) -> int:
+        """The underlay's MTU less the outer IPv4 and UDP headers."""
+        return self.underlay.mtu - ENCAP_OVERHEAD
+
+    async def configure(self, lease: Lease) -> None:
+        """Create the TUN for ``lease`` and start forwarding."""
+        if self.network is None:
+            raise BackendError("the udp backend needs the network (the TUN's prefix)")
+        if self.core is not None:
+            await self.close()
+        core = UdpBackend(
+            self.netlink.netns, self.network, lease.subnet, str(self.underlay.address),
+            self.config.port or DEFAULT_PORT, self.mtu,
+        )  # fmt: skip
+        for subnet, peer in self.programmed.items():
+            core.add_peer(subnet, str(peer.attrs.public_ip))
+        # The TUN and socket are made in a thread that enters the namespace: off the event loop.
+        await asyncio.to_thread(core.start)
+        self.core = core
+        dp = core.datapath
+        log.info("udp: TUN %s (%s, MTU %d) forwarding on port %d; offloads %s", core.device,
+                 core.address, self.mtu, core.port, dp.offloads if dp is not None else {})
+
+    async def add(self, lease: Lease) -> None:
+        """Route ``lease.subnet`` to its host (idempotent)."""
+        log.info("adding subnet %s: PublicIP %s", lease.subnet, lease.attrs.public_ip)
+        if self.core is not None:
+            self.core.add_peer(lease.subnet, str(lease.attrs.public_ip))
+
+    async def remove(self, lease: Lease) -> None:
+        """Stop routing ``lease.subnet`` (its destinations get ICMP net-unreachable)."""
+        log.info("removing subnet %s: PublicIP %s", lease.subnet, lease.attrs.public_ip)
+        if self.core is not None:
+            self.core.remove_peer(lease.subnet)
+
+    async def close(self) -> None:
+        """Stop forwarding; the TUN goes with its fd."""
+        core, self.core = self.core, None
+        if core is not None:
+            await asyncio.to_thread(core.stop)

@@ -47,8 +47,9 @@ class VxlanBackend(Backend):
 
     type = "vxlan"
 
-    def __init__(self, config: BackendConfig, netlink: Netlink, underlay: Underlay) -> None:
-        super().__init__(config, netlink, underlay)
+    def __init__(self, config: BackendConfig, netlink: Netlink, underlay: Underlay,
+                 network: IPv4Network | None = None) -> None:
+        super().__init__(config, netlink, underlay, network)
         self.device = f"flannel.{config.vni}"
         self.mac: str | None = None
         self._direct: set[IPv4Network] = set()
@@ -92,14 +93,14 @@ class VxlanBackend(Backend):
         log.info("adding subnet %s: PublicIP %s, VtepMAC %s", subnet, public_ip, mac)
         await self.netlink.neigh_replace(self.device, gateway, mac)
         try:
-            await self.netlink.fdb_append(self.device, mac, public_ip)
+            await self._fdb_add(lease, mac)
         except BaseException:
             await self._quietly(self.netlink.neigh_delete(self.device, gateway))
             raise
         try:
             await self.netlink.replace_route(subnet, gateway, self.device, onlink=True)
         except BaseException:
-            await self._quietly(self.netlink.fdb_delete(self.device, mac, public_ip))
+            await self._quietly(self._fdb_remove(lease, mac))
             await self._quietly(self.netlink.neigh_delete(self.device, gateway))
             raise
 
@@ -124,7 +125,7 @@ class VxlanBackend(Backend):
             mac = None  # never installed with a bad MAC, so no FDB entry to remove
         if mac is not None:
             try:
-                await self.netlink.fdb_delete(self.device, mac, public_ip)
+                await self._fdb_remove(lease, mac)
             except NetlinkOpError as exc:
                 errors.append(exc)
         try:
@@ -133,6 +134,13 @@ class VxlanBackend(Backend):
             errors.append(exc)
         if errors:
             raise errors[0]
+
+    async def _fdb_add(self, lease: Lease, mac: str) -> None:
+        """Where frames to ``mac`` go: the FDB entry ``mac -> PublicIP``."""
+        await self.netlink.fdb_append(self.device, mac, lease.attrs.public_ip)
+
+    async def _fdb_remove(self, lease: Lease, mac: str) -> None:
+        await self.netlink.fdb_delete(self.device, mac, lease.attrs.public_ip)
 
     @staticmethod
     async def _quietly(aw: Any) -> None:
