@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -263,23 +264,79 @@ class Flanneld:
     async def _watch(
         self, manager: LeaseManager, backend: Backend, own: IPv4Network, network: NetworkConfig
     ) -> None:
-        async for event in manager.watch_leases(exclude=own, retry=self.config.retry):
-            if not event.lease.subnet.subnet_of(network.network):
-                # A route for it could capture traffic that is not the overlay's at all.
-                if event.type is EventType.ADDED:
-                    exc = BackendError(f"lease {event.lease.subnet} is outside the network"
-                                       f" {network.network}; ignored")
-                    log.error("%s", exc)
-                    self.event_errors.append((event, exc))
-                continue
-            try:
-                await backend.handle(event)
-            except (BackendError, NetlinkOpError, OSError, ValueError) as exc:
-                # One bad lease must not stop routing to the others.
-                log.error("%s lease %s: %s", event.type, event.lease.subnet, exc)
-                self.event_errors.append((event, exc))
+        # The watch runs ahead into a queue, so that the events that arrived while the
+        # backend was busy (a burst: the initial listing, many hosts at once) are applied
+        # together, in their order.
+        queue: asyncio.Queue[LeaseEvent] = asyncio.Queue()
 
+        async def pump() -> None:
+            async for event in manager.watch_leases(exclude=own, retry=self.config.retry):
+                queue.put_nowait(event)
+
+        source = asyncio.create_task(pump(), name="flanneld-watch")
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, source}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await getter
+                if getter.done() and not getter.cancelled():
+                    burst = [getter.result()]
+                elif queue.empty():
+                    source.result()  # the watch failed (raises) or ended
+                    return
+                else:
+                    burst = []
+                while not queue.empty():
+                    burst.append(queue.get_nowait())
+                for event, exc in await apply_events(backend, burst, network.network):
+                    # One bad lease must not stop routing to the others.
+                    if event.lease.subnet.subnet_of(network.network):
+                        log.error("%s lease %s: %s", event.type, event.lease.subnet, exc)
+                    else:
+                        log.error("%s", exc)
+                    self.event_errors.append((event, exc))
+        finally:
+            source.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await source
 
 def make_app(config: FlanneldConfig) -> Flanneld:
     """The daemon for ``config``, not yet running."""
     return Flanneld(config)
+
+
+
+async def apply_events(
+    backend: Backend, events: Sequence[LeaseEvent], network: IPv4Network | None = None
+) -> list[tuple[LeaseEvent, Exception]]:
+    """Apply a burst of lease events, in order; the ones that failed, with why, in order.
+
+    A lease outside ``network`` is refused (a route for it could capture traffic that is
+    not the overlay's at all); one bad lease does not stop the others. A backend with a
+    ``handle_many`` gets the burst at once, others each event in turn.
+    """
+    failed: dict[int, Exception] = {}
+    todo: list[tuple[int, LeaseEvent]] = []
+    for n, event in enumerate(events):
+        if network is not None and not event.lease.subnet.subnet_of(network):
+            if event.type is EventType.ADDED:
+                failed[n] = BackendError(f"lease {event.lease.subnet} is outside the network"
+                                         f" {network}; ignored")
+            continue
+        todo.append((n, event))
+    handle_many = getattr(backend, "handle_many", None)
+    if handle_many is not None:
+        answers = await handle_many([event for _, event in todo])
+        for (n, _), exc in zip(todo, answers, strict=True):
+            if exc is not None:
+                failed[n] = exc
+    else:
+        for n, event in todo:
+            try:
+                await backend.handle(event)
+            except (BackendError, NetlinkOpError, OSError, ValueError) as exc:
+                failed[n] = exc
+    return [(events[n], failed[n]) for n in sorted(failed)]

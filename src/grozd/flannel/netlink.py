@@ -6,6 +6,18 @@ handed to that thread. Operations on the per-lease paths (neighbours, FDB entrie
 routes) address one object by its exact key; only setup (`find_underlay`,
 `ensure_addr`) lists anything.
 
+The ``*_many`` variants apply one kind of operation to many objects at once, for bursts of
+lease events: their requests go to the kernel many to one ``send``, on a plain netlink socket
+of their own (opened in the namespace), and each request's acknowledgement is read back, so
+every object still gets its own answer. They send the same requests the single-object calls
+send through pyroute2, one object after another in the order given.
+
+The ``*_many`` variants apply one kind of operation to many objects at once, for bursts of
+lease events: their requests go to the kernel many to one ``send`` on a plain netlink socket
+of their own (opened in the namespace), and each request's acknowledgement is read back, so
+every object still gets its own answer. They send exactly the requests the single-object
+calls send through pyroute2.
+
 All ``ensure``/``replace``/``append`` operations are idempotent and the deletes report
 whether there was something to delete, so a resync may simply apply everything again.
 """
@@ -16,7 +28,8 @@ import asyncio
 import errno
 import os
 import socket
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -30,9 +43,38 @@ RTNH_F_ONLINK = 4
 RTN_LOCAL = 2
 IFF_UP = 1
 
+# Netlink message framing (linux/netlink.h, linux/rtnetlink.h, linux/neighbour.h).
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 0x1
+_NLM_F_ACK = 0x4
+_NLM_F_REPLACE = 0x100
+_NLM_F_CREATE = 0x400
+_NLM_F_APPEND = 0x800
+_RTM_NEWROUTE, _RTM_DELROUTE = 24, 25
+_RTM_NEWNEIGH, _RTM_DELNEIGH = 28, 29
+_NDA_DST, _NDA_LLADDR = 1, 2
+_RTA_DST, _RTA_OIF, _RTA_GATEWAY = 1, 4, 5
+_NUD_NOARP = 0x40
+_NTF_SELF = 0x02
+_AF_BRIDGE = 7
+_RT_TABLE_MAIN = 254
+_RTPROT_STATIC = 4
+_RTN_UNICAST = 1
+_SOL_NETLINK = 270
+_NETLINK_CAP_ACK = 10
+#: Requests per ``send``; their acknowledgements must fit in the socket's receive buffer.
+_BATCH_CHUNK = 256
+_BATCH_RCVBUF = 4 << 20
+_BATCH_TIMEOUT = 30.0
+
 
 class NetlinkOpError(OSError):
     """A netlink request failed; ``errno`` is the kernel's answer."""
+
+
+#: One answer of a ``*_many`` call: None (done), True/False (deleted / there was nothing to
+#: delete) or the error.
+BatchResult = NetlinkOpError | bool | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +126,8 @@ class Netlink:
         self._ipr: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._index_cache: dict[str, int] = {}
+        self._batch_sock: socket.socket | None = None
+        self._seq = 0
 
     async def __aenter__(self) -> Netlink:
         await self.open()
@@ -147,6 +191,9 @@ class Netlink:
 
     def _close(self) -> None:
         try:
+            if self._batch_sock is not None:
+                self._batch_sock.close()
+                self._batch_sock = None
             if self._ipr is not None:
                 self._ipr.close()
         finally:
@@ -431,6 +478,197 @@ class Netlink:
             raise
         return True
 
+    # -- many objects at once --------------------------------------------------------------
+
+    async def neigh_replace_many(
+        self, dev: str, entries: Sequence[tuple[IPv4Address | str, str]]
+    ) -> list[BatchResult]:
+        """`neigh_replace` for each ``(ip, mac)``; None or the error for each, in order."""
+        items = [(IPv4Address(ip), mac) for ip, mac in entries]
+
+        def build(i: int) -> list[tuple[bytes, str]]:
+            return [(_neigh_msg(_RTM_NEWNEIGH, _NLM_F_CREATE | _NLM_F_REPLACE, i, ip, mac),
+                     f"neighbour {ip} lladdr {mac} dev {dev}") for ip, mac in items]
+
+        return await self._call(self._batch, dev, build, (), ())
+
+    async def neigh_delete_many(
+        self, dev: str, ips: Sequence[IPv4Address | str]
+    ) -> list[BatchResult]:
+        """`neigh_delete` for each ip; True/False (deleted / none) or the error, in order."""
+        items = [IPv4Address(ip) for ip in ips]
+
+        def build(i: int) -> list[tuple[bytes, str]]:
+            return [(_neigh_msg(_RTM_DELNEIGH, 0, i, ip, None),
+                     f"delete neighbour {ip} dev {dev}") for ip in items]
+
+        return await self._call(self._batch, dev, build, (errno.ENOENT,), ())
+
+    async def fdb_append_many(
+        self, dev: str, entries: Sequence[tuple[str, IPv4Address | str]]
+    ) -> list[BatchResult]:
+        """`fdb_append` for each ``(mac, dst)``; None or the error for each, in order."""
+        items = [(mac, IPv4Address(dst)) for mac, dst in entries]
+
+        def build(i: int) -> list[tuple[bytes, str]]:
+            return [(_fdb_msg(_RTM_NEWNEIGH, _NLM_F_CREATE | _NLM_F_APPEND, i, mac, dst),
+                     f"fdb {mac} dst {dst} dev {dev}") for mac, dst in items]
+
+        return await self._call(self._batch, dev, build, (), (errno.EEXIST,))
+
+    async def fdb_delete_many(
+        self, dev: str, entries: Sequence[tuple[str, IPv4Address | str]]
+    ) -> list[BatchResult]:
+        """`fdb_delete` for each ``(mac, dst)``; True/False or the error for each, in order."""
+        items = [(mac, IPv4Address(dst)) for mac, dst in entries]
+
+        def build(i: int) -> list[tuple[bytes, str]]:
+            return [(_fdb_msg(_RTM_DELNEIGH, 0, i, mac, dst),
+                     f"delete fdb {mac} dst {dst} dev {dev}") for mac, dst in items]
+
+        return await self._call(self._batch, dev, build, (errno.ENOENT,), ())
+
+    async def replace_route_many(
+        self,
+        dev: str,
+        routes: Sequence[tuple[IPv4Network | str, IPv4Address | str]],
+        onlink: bool = False,
+    ) -> list[BatchResult]:
+        """`replace_route` for each ``(dst, gateway)`` on ``dev``; None or the error each."""
+        items = [(IPv4Network(dst), IPv4Address(gw)) for dst, gw in routes]
+        flags = RTNH_F_ONLINK if onlink else 0
+        suffix = " onlink" if onlink else ""
+
+        def build(i: int) -> list[tuple[bytes, str]]:
+            return [(_route_msg(_RTM_NEWROUTE, _NLM_F_CREATE | _NLM_F_REPLACE, dst, gw, i,
+                                flags),
+                     f"route {dst} via {gw} dev {dev}{suffix}") for dst, gw in items]
+
+        return await self._call(self._batch, dev, build, (), ())
+
+    async def delete_route_many(
+        self, dev: str, routes: Sequence[tuple[IPv4Network | str, IPv4Address | str]]
+    ) -> list[BatchResult]:
+        """`delete_route` for each ``(dst, gateway)`` on ``dev``: True/False or the error.
+
+        All False when ``dev`` is gone (its routes went with it).
+        """
+        items = [(IPv4Network(dst), IPv4Address(gw)) for dst, gw in routes]
+
+        def build(i: int) -> list[tuple[bytes, str]]:
+            return [(_route_msg(_RTM_DELROUTE, 0, dst, gw, i, 0),
+                     f"delete route {dst} via {gw} dev {dev}") for dst, gw in items]
+
+        try:
+            return await self._call(self._batch, dev, build, (errno.ESRCH,), ())
+        except NetlinkOpError as exc:
+            if exc.errno == errno.ENODEV:
+                return [False] * len(items)
+            raise
+
+    def _batch(
+        self,
+        dev: str,
+        build: Callable[[int], list[tuple[bytes, str]]],
+        absent: tuple[int, ...],
+        fine: tuple[int, ...],
+    ) -> list[BatchResult]:
+        """Send ``build(ifindex of dev)``'s requests; each one's answer, in order.
+
+        An errno in ``absent`` answers False (others True), one in ``fine`` None. Requests
+        that found the device gone are sent again once, to a device recreated under the
+        same name (as `_on_link` does); the device missing altogether raises ENODEV.
+        """
+        cached = dev in self._index_cache
+        reqs = build(self._index(dev))
+        codes = self._send_batch([msg for msg, _ in reqs])
+        gone = [n for n, code in enumerate(codes) if code == errno.ENODEV]
+        if gone and cached:
+            del self._index_cache[dev]
+            again = build(self._index(dev))
+            for n, code in zip(gone, self._send_batch([again[n][0] for n in gone]),
+                               strict=True):
+                codes[n] = code
+        out: list[BatchResult] = []
+        for (_, what), code in zip(reqs, codes, strict=True):
+            if code == 0:
+                out.append(True if absent else None)
+            elif code in absent:
+                out.append(False)
+            elif code in fine:
+                out.append(None)
+            else:
+                out.append(NetlinkOpError(code, f"{what}: {os.strerror(code)}"))
+        return out
+
+    def _batch_socket(self) -> socket.socket:
+        if self._batch_sock is None:
+
+            def make() -> socket.socket:
+                return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+            if self.netns is None:
+                sock = make()
+            else:
+                from grozd.flannel.backends.udp import run_in_netns
+
+                sock = run_in_netns(self.netns, make)
+            try:
+                sock.bind((0, 0))
+                for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE needs CAP_NET_ADMIN
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, opt, _BATCH_RCVBUF)
+                        break
+                    except OSError:
+                        continue
+                # Acknowledge errors with the request's header only, not all of it.
+                try:
+                    sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
+                except OSError:
+                    pass
+                sock.settimeout(_BATCH_TIMEOUT)
+            except BaseException:
+                sock.close()
+                raise
+            self._batch_sock = sock
+        return self._batch_sock
+
+    def _send_batch(self, msgs: list[bytes]) -> list[int]:
+        """Send requests (without sequence numbers yet), ``_BATCH_CHUNK`` to a ``send``;
+        the errno each was answered with (0: done)."""
+        sock = self._batch_socket()
+        codes: list[int] = []
+        for start in range(0, len(msgs), _BATCH_CHUNK):
+            chunk = msgs[start:start + _BATCH_CHUNK]
+            first = self._seq + 1
+            self._seq += len(chunk)
+            buf = bytearray()
+            for n, msg in enumerate(chunk):
+                buf += msg[:8] + struct.pack("=II", (first + n) & 0xFFFFFFFF, 0) + msg[16:]
+            pending = {(first + n) & 0xFFFFFFFF: n for n in range(len(chunk))}
+            answers = [0] * len(chunk)
+            try:
+                sock.send(bytes(buf))
+                while pending:
+                    data = sock.recv(1 << 20)
+                    offset = 0
+                    while offset + 16 <= len(data):
+                        length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data,
+                                                                             offset)
+                        if length < 16:
+                            break
+                        if kind == _NLMSG_ERROR and seq in pending:
+                            (err,) = struct.unpack_from("=i", data, offset + 16)
+                            answers[pending.pop(seq)] = -err
+                        offset += (length + 3) & ~3
+            except OSError:
+                # A socket in an unknown state (lost answers, a timeout): start afresh.
+                sock.close()
+                self._batch_sock = None
+                raise
+            codes += answers
+        return codes
+
     # -- the underlay ----------------------------------------------------------------------
 
     async def find_underlay(
@@ -494,6 +732,50 @@ class Netlink:
                 if oif:
                     return oif
         return None
+
+
+def _nlmsg(kind: int, flags: int, body: bytes) -> bytes:
+    """A request (sequence number and port id filled in when sent), with an ack asked for."""
+    return struct.pack("=IHHII", 16 + len(body), kind, flags | _NLM_F_REQUEST | _NLM_F_ACK,
+                       0, 0) + body
+
+
+def _rta(kind: int, value: bytes) -> bytes:
+    length = 4 + len(value)
+    return struct.pack("=HH", length, kind) + value + b"\0" * (-length % 4)
+
+
+def _mac(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def _neigh_msg(kind: int, flags: int, ifindex: int, ip: IPv4Address, mac: str | None) -> bytes:
+    """What pyroute2's ``neigh(..., ifindex, dst, [lladdr], state=NUD_PERMANENT)`` sends."""
+    body = struct.pack("=BxxxiHBB", socket.AF_INET, ifindex, NUD_PERMANENT, 0, 0)
+    body += _rta(_NDA_DST, ip.packed)
+    if mac is not None:
+        body += _rta(_NDA_LLADDR, _mac(mac))
+    return _nlmsg(kind, flags, body)
+
+
+def _fdb_msg(kind: int, flags: int, ifindex: int, mac: str, dst: IPv4Address) -> bytes:
+    """What pyroute2's ``fdb(..., ifindex, lladdr, dst)`` sends (permanent, noarp, self)."""
+    body = struct.pack("=BxxxiHBB", _AF_BRIDGE, ifindex, NUD_PERMANENT | _NUD_NOARP,
+                       _NTF_SELF, 0)
+    body += _rta(_NDA_LLADDR, _mac(mac)) + _rta(_NDA_DST, dst.packed)
+    return _nlmsg(kind, flags, body)
+
+
+def _route_msg(kind: int, flags: int, dst: IPv4Network, gateway: IPv4Address, oif: int,
+               rtflags: int) -> bytes:
+    """What pyroute2's ``route(..., dst, gateway, oif, flags)`` sends (a new route: main
+    table, proto static, unicast; a deletion leaves protocol, scope and type open)."""
+    new = kind == _RTM_NEWROUTE
+    body = struct.pack("=BBBBBBBBI", socket.AF_INET, dst.prefixlen, 0, 0, _RT_TABLE_MAIN,
+                       _RTPROT_STATIC if new else 0, 0, _RTN_UNICAST if new else 0, rtflags)
+    body += (_rta(_RTA_DST, dst.network_address.packed) + _rta(_RTA_GATEWAY, gateway.packed)
+             + _rta(_RTA_OIF, struct.pack("=i", oif)))
+    return _nlmsg(kind, flags, body)
 
 
 def _ipv4(text: str, what: str) -> IPv4Address:

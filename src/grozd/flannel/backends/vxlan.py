@@ -11,6 +11,11 @@ unresolved gateway):
 
 and removes them in reverse. With DirectRouting, a peer on a directly connected subnet
 gets a plain route via its PublicIP instead, as with host-gw.
+
+A burst of lease events goes through `VxlanBackend.handle_many`, which has the same effect as
+`Backend.handle` on each event in turn, with the same order per peer, but sends the netlink
+requests many at a time: all the neighbours of a run of peers, then their FDB entries, then
+their routes (removals: routes, FDB entries, neighbours).
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
 from grozd.flannel.backends import Backend, BackendError
+from grozd.flannel.backends import log as events_log
 from grozd.flannel.config import BackendConfig
-from grozd.flannel.leases import Lease
-from grozd.flannel.netlink import Netlink, NetlinkOpError, Underlay
+from grozd.flannel.leases import EventType, Lease, LeaseEvent
+from grozd.flannel.netlink import BatchResult, Netlink, NetlinkOpError, Underlay
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,25 @@ def vtep_mac(lease: Lease) -> str:
     if not isinstance(mac, str) or not _MAC_RE.match(mac.lower()):
         raise BackendError(f"lease {lease.subnet} has no valid BackendData.VtepMAC: {mac!r}")
     return mac.lower()
+
+
+def _keys(lease: Lease) -> set[Hashable]:
+    """The kernel objects a lease's entries are keyed by: route, neighbour, FDB entry."""
+    keys: set[Hashable] = {("route", lease.subnet), ("neigh", lease.subnet.network_address)}
+    with contextlib.suppress(BackendError):
+        keys.add(("fdb", vtep_mac(lease), lease.attrs.public_ip))
+    return keys
+
+
+@dataclass(slots=True)
+class _Step:
+    """One `VxlanBackend.add` or `VxlanBackend.remove` of a burst, for event ``index``."""
+
+    index: int
+    add: bool
+    lease: Lease
+    mac: str | None
+    error: Exception | None = None
 
 
 class VxlanBackend(Backend):
@@ -134,6 +161,160 @@ class VxlanBackend(Backend):
             errors.append(exc)
         if errors:
             raise errors[0]
+
+    # -- bursts ----------------------------------------------------------------------------
+
+    async def handle_many(self, events: Sequence[LeaseEvent]) -> list[Exception | None]:
+        """`handle` each event in turn (None or its error for each), many peers at a time.
+
+        The events are cut into runs whose peers touch disjoint kernel objects (a second
+        event for a subnet, or for the same VtepMAC and PublicIP, starts a new run); within
+        a run every peer goes through the steps of `add` / `remove` in their order, each
+        step sent for all of the run's peers at once, with the same rollback and the same
+        bookkeeping. Errors other than netlink's and bad leases' propagate, as from `handle`.
+        DirectRouting, and a subclass with FDB entries of its own, take `handle` event by
+        event.
+        """
+        results: list[Exception | None] = [None] * len(events)
+        if (self.config.direct_routing or type(self)._fdb_add is not VxlanBackend._fdb_add
+                or type(self)._fdb_remove is not VxlanBackend._fdb_remove):
+            for n, event in enumerate(events):
+                try:
+                    await self.handle(event)
+                except (BackendError, NetlinkOpError, OSError, ValueError) as exc:
+                    results[n] = exc
+            return results
+        run: list[_Step] = []
+        keys: set[Hashable] = set()
+        for n, event in enumerate(events):
+            lease = event.lease
+            mine = _keys(lease)
+            old = self.programmed.get(lease.subnet)
+            if old is not None:
+                mine |= _keys(old)
+            if mine & keys:
+                await self._run_steps(run, results)
+                run, keys = [], set()
+                old = self.programmed.get(lease.subnet)  # as the run just left it
+                if old is not None:
+                    mine |= _keys(old)
+            if event.type is EventType.REMOVED:
+                installed = self.programmed.pop(lease.subnet, None)
+                if installed is None and lease.attrs.backend_type != self.type:
+                    continue
+                run.append(self._step(n, False, installed or lease))
+                keys |= mine
+                continue
+            if lease.attrs.backend_type != self.type:
+                events_log.warning("ignoring lease %s of backend type %r (this network is %s)",
+                                   lease.subnet, lease.attrs.backend_type, self.type)
+                continue
+            if old is not None and old.attrs != lease.attrs:
+                del self.programmed[lease.subnet]
+                # The old entries go first, in a run of their own before the new ones.
+                run.append(self._step(n, False, old))
+                await self._run_steps(run, results)
+                run, keys = [], set()
+                if results[n] is not None:
+                    continue
+            try:
+                run.append(self._step(n, True, lease))
+            except BackendError as exc:
+                results[n] = exc
+                continue
+            keys |= _keys(lease)
+        await self._run_steps(run, results)
+        return results
+
+    def _step(self, index: int, add: bool, lease: Lease) -> _Step:
+        if add:
+            return _Step(index, True, lease, vtep_mac(lease))
+        try:
+            mac: str | None = vtep_mac(lease)
+        except BackendError:
+            mac = None  # never installed with a bad MAC, so no FDB entry to remove
+        return _Step(index, False, lease, mac)
+
+    async def _run_steps(self, steps: list[_Step], results: list[Exception | None]) -> None:
+        """Apply a run of adds and removes (of disjoint objects); record errors and leases."""
+        adds = [s for s in steps if s.add]
+        removes = [s for s in steps if not s.add]
+        if removes:
+            await self._remove_many(removes)
+        if adds:
+            await self._add_many(adds)
+        for step in steps:
+            if step.error is not None:
+                results[step.index] = step.error
+            elif step.add:
+                self.programmed[step.lease.subnet] = step.lease
+
+    async def _add_many(self, steps: list[_Step]) -> None:
+        """`add` for each step: neighbours, then FDB entries, then routes; a peer whose step
+        fails has what it got so far removed again, as `add` does."""
+        dev = self.device
+        for s in steps:
+            log.info("adding subnet %s: PublicIP %s, VtepMAC %s", s.lease.subnet,
+                     s.lease.attrs.public_ip, s.mac)
+        ok = await self._each(steps, self.netlink.neigh_replace_many(
+            dev, [(s.lease.subnet.network_address, s.mac or "") for s in steps]))
+        fdb = [(s.mac or "", s.lease.attrs.public_ip) for s in ok]
+        routed = await self._each(ok, self.netlink.fdb_append_many(dev, fdb))
+        failed = [s for s in ok if s.error is not None]
+        await self._undo(failed, fdb=False)
+        await self._each(routed, self.netlink.replace_route_many(
+            dev, [(s.lease.subnet, s.lease.subnet.network_address) for s in routed],
+            onlink=True))
+        await self._undo([s for s in routed if s.error is not None], fdb=True)
+
+    async def _undo(self, steps: list[_Step], fdb: bool) -> None:
+        """Roll back half-added peers: their FDB entries (when added), then neighbours."""
+        if not steps:
+            return
+        with contextlib.suppress(NetlinkOpError, OSError):
+            if fdb:
+                await self.netlink.fdb_delete_many(
+                    self.device, [(s.mac or "", s.lease.attrs.public_ip) for s in steps])
+        with contextlib.suppress(NetlinkOpError, OSError):
+            await self.netlink.neigh_delete_many(
+                self.device, [s.lease.subnet.network_address for s in steps])
+
+    async def _remove_many(self, steps: list[_Step]) -> None:
+        """`remove` for each step: routes, FDB entries, neighbours, each even if another
+        fails; a peer's first error is its error."""
+        dev = self.device
+        for s in steps:
+            log.info("removing subnet %s: PublicIP %s", s.lease.subnet, s.lease.attrs.public_ip)
+        await self._each(steps, self.netlink.delete_route_many(
+            dev, [(s.lease.subnet, s.lease.subnet.network_address) for s in steps]),
+            keep_going=True)
+        with_fdb = [s for s in steps if s.mac is not None]
+        await self._each(with_fdb, self.netlink.fdb_delete_many(
+            dev, [(s.mac or "", s.lease.attrs.public_ip) for s in with_fdb]), keep_going=True)
+        await self._each(steps, self.netlink.neigh_delete_many(
+            dev, [s.lease.subnet.network_address for s in steps]), keep_going=True)
+
+    @staticmethod
+    async def _each(steps: list[_Step], aw: Any, keep_going: bool = False) -> list[_Step]:
+        """Await a ``*_many`` call made for ``steps``; record each one's first error and
+        return the steps that succeeded (all of them with ``keep_going``)."""
+        if not steps:
+            aw.close()  # nothing to send: the call was never started
+            return []
+        answers: list[BatchResult | OSError]
+        try:
+            answers = list(await aw)
+        except OSError as exc:  # NetlinkOpError included: the answer for all of them
+            answers = [exc] * len(steps)
+        ok = []
+        for step, answer in zip(steps, answers, strict=True):
+            if isinstance(answer, Exception):
+                if step.error is None:
+                    step.error = answer
+                if not keep_going:
+                    continue
+            ok.append(step)
+        return ok
 
     async def _fdb_add(self, lease: Lease, mac: str) -> None:
         """Where frames to ``mac`` go: the FDB entry ``mac -> PublicIP``."""
