@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -175,12 +177,22 @@ def test_userspace_backends_run_and_stop_as_a_process(hosts: HostPair, etcd_url,
              json.dumps({"Network": "198.18.0.0/16", "Backend": {"Type": backend}}))
     etcd.close()
     subnet_file = tmp_path / "subnet.env"
-    proc = flanneld(etcd_url, prefix, hosts.a, subnet_file, *extra)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = flanneld(etcd_url, prefix, hosts.a, subnet_file, *extra, "--healthz-port", str(port))
     try:
         wait_for_file(proc, subnet_file)
         assert f"FLANNEL_MTU={mtu}\n" in subnet_file.read_text()
         details = tool("ip", "-n", hosts.a, "-d", "link", "show", device)
         assert kind in details and f"mtu {mtu} " in details
+        health = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{health}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        with urllib.request.urlopen(f"{health}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        # The data path's counters are exported (they exist from the start, zero or not).
+        assert "flannel_ready 1" in metrics and "flannel_datapath_" in metrics, metrics
         proc.send_signal(signal.SIGTERM)
         code, err = finish(proc)
     finally:

@@ -21,7 +21,14 @@ import uvloop
 
 from grozd.cli.exit import ExitCode
 from grozd.flannel.config import DEFAULT_PREFIX
-from grozd.flannel.daemon import DEFAULT_ENDPOINTS, FlanneldConfig, FlanneldError, make_app
+from grozd.flannel.daemon import (
+    DEFAULT_ENDPOINTS,
+    Flanneld,
+    FlanneldConfig,
+    FlanneldError,
+    make_app,
+)
+from grozd.flannel.healthz import HealthServer
 from grozd.flannel.subnetenv import DEFAULT_SUBNET_FILE
 
 log = logging.getLogger("grozd.flanneld")
@@ -70,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("vxlan-userspace", nargs="?", const=True, default=False, type=_bool, metavar="BOOL",
          help="run a vxlan network's data path in userspace on this host (TAP + UDP socket,"
          " wire-compatible with kernel VXLAN hosts; grozd's, e.g. for kernels without VXLAN)")
+    flag("healthz-ip", default="127.0.0.1", metavar="IP",
+         help="address for the health and metrics endpoint (default 127.0.0.1)")
+    flag("healthz-port", type=int, default=0, metavar="PORT",
+         help="serve /healthz and /metrics (data path counters) on this port; 0: off")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=0, metavar="LEVEL",
                    help="log verbosity; 1 or more logs debug messages")
     return p
@@ -95,6 +106,9 @@ def parse_args(argv: list[str]) -> tuple[FlanneldConfig, int]:
         vxlan_userspace=args.vxlan_userspace,
         renew_margin=args.subnet_lease_renew_margin * 60.0,
     )
+    if not 0 <= args.healthz_port <= 65535:
+        p.error("--healthz-port must be a port number")
+    config.healthz = (args.healthz_ip, args.healthz_port) if args.healthz_port else None
     return config, args.verbosity
 
 
@@ -107,6 +121,23 @@ def _go_style(p: argparse.ArgumentParser, argv: list[str]) -> list[str]:
             arg = "-" + arg
         out.append(arg)
     return out
+
+
+async def serve(app: Flanneld, healthz: tuple[str, int] | None) -> None:
+    """The daemon, with its health and metrics endpoint when asked for."""
+    if healthz is None:
+        await app.run()
+        return
+    server = HealthServer(app)
+    try:
+        await server.start(*healthz)
+    except OSError as e:
+        raise FlanneldError(f"cannot serve --healthz-port on {healthz[0]}:{healthz[1]}:"
+                            f" {e.strerror}") from None
+    try:
+        await app.run()
+    finally:
+        await server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, app.stop)
         try:
-            runner.run(app.run())
+            runner.run(serve(app, config.healthz))
         except FlanneldError as exc:
             log.error("%s", exc)
             return ExitCode.FAILURE

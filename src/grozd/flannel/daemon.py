@@ -78,6 +78,7 @@ class FlanneldConfig:
     renew_retry: float = RENEW_RETRY
     etcd_timeout: float = 5.0
     retry: float = 1.0
+    healthz: tuple[str, int] | None = None  # where /healthz and /metrics are served, if at all
 
 
 class Flanneld:

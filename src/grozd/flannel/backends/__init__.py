@@ -63,6 +63,10 @@ class Backend(abc.ABC):
     async def configure(self, lease: Lease) -> None:  # noqa: B027 - optional hook
         """Configure the host for its own lease (e.g. the VTEP address)."""
 
+    def counters(self) -> dict[str, int]:
+        """Data path counters (packets, bytes, drops by reason); none for kernel backends."""
+        return {}
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Stop what runs in this process (the kernel's routes and devices stay)."""
 

@@ -357,6 +357,9 @@ class UdpDaemonBackend(Backend):
         if self.core is not None:
             self.core.remove_peer(lease.subnet)
 
+    def counters(self) -> dict[str, int]:
+        return self.core.counters() if self.core is not None else {}
+
     async def close(self) -> None:
         """Stop forwarding; the TUN goes with its fd."""
         core, self.core = self.core, None

@@ -257,6 +257,9 @@ class UvxlanBackend(VxlanBackend):
         if self.core is not None:
             self.core.remove_peer(lease.subnet)
 
+    def counters(self) -> dict[str, int]:
+        return self.core.counters() if self.core is not None else {}
+
     async def close(self) -> None:
         """Stop forwarding; the TAP (and the neighbours and routes on it) go with its fd."""
         core, self.core = self.core, None
