@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from grozd.cli import fleetctl
 from grozd.fleet.unit import (
     ExecCommand,
     FleetOptions,
@@ -830,13 +835,81 @@ def test_fleet_machine_id_global_and_defaults() -> None:
         ("MachineMetadata==x", "MachineMetadata=: expected key=value, got '=x'"),
         ("Global=perhaps", "Global=: not a boolean: 'perhaps'"),
         ('MachineOf="a', "MachineOf=: unbalanced quoting"),
-        ("Machine=abc", "unknown [X-Fleet] option 'Machine'"),
     ],
 )
 def test_fleet_option_errors(line: str, message: str) -> None:
     with pytest.raises(UnitFileError) as err:
         unit(f"[X-Fleet]\n{line}\n", "x.service").fleet_options()
     assert str(err.value) == f"x.service:2: {message}"
+
+
+def test_fleet_unknown_key_is_a_warning() -> None:
+    # fleet ignores an unknown [X-Fleet] key with a warning; the unit still schedules.
+    u = unit("[X-Fleet]\nMachine=abc\nMachineOf=db.service\n", "x.service")
+    assert u.fleet_options() == FleetOptions(machine_of=("db.service",))
+    assert u.fleet_warnings() == [
+        "x.service:2: unknown [X-Fleet] option 'Machine', ignoring it (did you mean 'MachineID'?)"
+    ]
+    # A malformed value of a known key stays an error, unknown keys around it or not.
+    with pytest.raises(UnitFileError, match=r"^x\.service:3: Global=: not a boolean"):
+        unit("[X-Fleet]\nFoo=1\nGlobal=perhaps\n", "x.service").fleet_options()
+    assert unit("[X-Fleet]\nMachineID=abc\n", "x.service").fleet_warnings() == []
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("MachineMetdata", " (did you mean 'MachineMetadata'?)"),
+        ("machineid", " (did you mean 'MachineID'?)"),
+        ("x-conflicts", " (did you mean 'X-Conflicts'?)"),
+        ("Conflict", " (did you mean 'Conflicts'?)"),
+        ("Replace", " (did you mean 'Replaces'?)"),
+        ("Globl", " (did you mean 'Global'?)"),
+        ("Frobnicate", ""),
+    ],
+)
+def test_fleet_unknown_key_suggestion(key: str, hint: str) -> None:
+    u = unit(f"[Service]\nExecStart=/bin/true\n[X-Fleet]\n{key}=x\n", "x.service")
+    assert u.fleet_options() == FleetOptions()
+    warning = f"x.service:4: unknown [X-Fleet] option {key!r}, ignoring it{hint}"
+    assert u.fleet_warnings() == [warning]
+
+
+def test_fleetctl_and_engine_accept_and_log_unknown_fleet_key(
+    cluster: Callable[..., Any],
+    etcd_url: str,
+    prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    path = tmp_path / "odd.service"
+    path.write_text("[Service]\nExecStart=/bin/sleep 300\n[X-Fleet]\nMachineMetdata=region=us\n")
+    out, err = io.StringIO(), io.StringIO()
+    args = ["--endpoint", etcd_url, "--etcd-key-prefix", prefix, "start", "--no-block", str(path)]
+    assert fleetctl.main(args, out=out, err=err) == 0
+    assert err.getvalue() == (
+        f"WARNING: {path}:4: unknown [X-Fleet] option 'MachineMetdata', ignoring it\n"
+    )
+    hint = ":4: unknown [X-Fleet] option 'MachineMetdata', ignoring it" \
+        " (did you mean 'MachineMetadata'?)"  # fmt: skip
+    fleetctl_logs = [r.getMessage() for r in caplog.records if r.name == "grozd.cli.fleetctl"]
+    assert fleetctl_logs == [f"event=unit_warning unit=odd.service warning={f'{path}{hint}'!r}"]
+
+    async def go(c: Any) -> str | None:
+        node = await c.add({"region": "eu"})
+        placed = await c.settle(timeout=10)
+        assert placed["odd.service"] == node.id  # scheduled, the unknown key ignored
+        # The engine logs it once per unit content, not on every reconcile.
+        await node.engine.reconcile(full=True)
+        return node.id
+
+    assert cluster(go) is not None
+    engine_logs = [r.getMessage() for r in caplog.records if r.name == "grozd.fleet.engine"]
+    assert [m for m in engine_logs if "unit_warning" in m] == [
+        # The registry holds the text only, so the engine names the unit, not a path.
+        f"event=unit_warning unit=odd.service warning={f'odd.service{hint}'!r}"
+    ]
 
 
 # ------------------------------------------------------------------------- validate

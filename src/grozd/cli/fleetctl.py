@@ -42,6 +42,9 @@ from grozd.fleet.unit import UNIT_TYPES, UnitName
 
 T = TypeVar("T")
 PROG = "fleetctl"
+log = logging.getLogger(__name__)
+# Log records reach stderr only with --debug; without it, no last-resort printing.
+log.addHandler(logging.NullHandler())
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 # fleetctl waits 500 ms per attempt; polling faster keeps commands snappy while
 # --block-attempts keeps its meaning in time.
@@ -172,6 +175,8 @@ def _read_spec(s: Session, name: str, path: str) -> UnitSpec:
         raise Fail(f"Error creating units: {exc}") from None
     for warning in spec.warnings:
         s.stderr(f"WARNING: {warning}")
+    for warning in spec.unit.fleet_warnings():
+        log.warning("event=unit_warning unit=%s warning=%r", name, warning)
     return spec
 
 

@@ -53,6 +53,8 @@ class Engine:
         self._kick = asyncio.Event()
         self._stopping = asyncio.Event()
         self._unreferenced: set[str] = set()
+        # (unit, content hash) pairs whose unit-file warnings were already logged.
+        self._warned: set[tuple[str, str]] = set()
 
     @property
     def is_leader(self) -> bool:
@@ -184,6 +186,7 @@ class Engine:
                 continue
             spec = await model.spec(job)
             if isinstance(spec, UnitSpec):
+                self._log_warnings(name, spec)
                 error = None
                 if spec.is_template:
                     error = "template units are not scheduled; start an instance of it"
@@ -226,6 +229,15 @@ class Engine:
         if full and self._leading:
             await self._collect_garbage()
         return plan
+
+    def _log_warnings(self, name: str, spec: UnitSpec) -> None:
+        """Log the [X-Fleet] keys fleet ignores in ``spec``, once per unit content."""
+        key = (name, spec.hash)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        for warning in spec.unit.fleet_warnings():
+            log.warning("event=unit_warning unit=%s warning=%r", name, warning)
 
     async def _collect_garbage(self) -> None:
         """Drop states nobody should report any more, and long-unreferenced contents."""

@@ -11,6 +11,7 @@ be stored.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import os
@@ -1283,8 +1284,9 @@ class Unit:
     def fleet_options(self) -> FleetOptions:
         """The ``[X-Fleet]`` options, with name specifiers (``%n``, ``%i``, ...) expanded.
 
-        Unknown keys, unresolvable specifiers, metadata that is not ``key=value``
-        and a ``Global=`` that is not a boolean raise :class:`UnitFileError`.
+        Unknown keys are ignored, as fleet does (:meth:`fleet_warnings` reports them);
+        unresolvable specifiers, metadata that is not ``key=value`` and a ``Global=``
+        that is not a boolean raise :class:`UnitFileError`.
         """
         unit = self.unit_name
         machine_id: str | None = None
@@ -1296,7 +1298,8 @@ class Unit:
                 continue
             kind = _FLEET_KEYS.get(opt.key)
             if kind is None:
-                raise UnitFileError(opt.source, opt.line, f"unknown [X-Fleet] option {opt.key!r}")
+                # fleet only warns about these (see fleet_warnings()) and schedules anyway.
+                continue
             try:
                 words = _fleet_words(opt.value, unit, self.path)
             except (SpecifierError, _WordError) as exc:
@@ -1335,6 +1338,18 @@ class Unit:
             is_global=is_global,
         )
 
+    def fleet_warnings(self) -> list[str]:
+        """``file:line: ...`` warnings for the ``[X-Fleet]`` keys fleet ignores, in file order.
+
+        Each names the unknown key and, when one is close enough, the valid key it was
+        probably meant to be.
+        """
+        return [
+            unknown_fleet_key_warning(opt)
+            for opt in self.options
+            if opt.section == "X-Fleet" and opt.key not in _FLEET_KEYS
+        ]
+
     def serialize(self) -> str:
         """Canonical text: sections in order of first appearance, ``Key=Value`` lines.
 
@@ -1347,6 +1362,36 @@ class Unit:
             lines.extend(f"{opt.key}={opt.value}" for opt in self.options if opt.section == section)
             blocks.append("\n".join(lines) + "\n")
         return "\n".join(blocks)
+
+
+def nearest_fleet_key(key: str) -> str | None:
+    """The valid ``[X-Fleet]`` key closest to ``key``, or None if none is close.
+
+    A key differing only in case maps to that key; otherwise the most similar
+    current spelling (never a deprecated ``X-...`` one), ignoring case, is suggested.
+    """
+    lowered = key.lower()
+    for valid in _FLEET_KEYS:
+        if valid.lower() == lowered:
+            return valid
+    best: str | None = None
+    best_score = 0.6  # difflib.get_close_matches' default cutoff
+    for valid in _FLEET_KEYS:
+        if valid.startswith("X-"):
+            continue
+        score = difflib.SequenceMatcher(None, lowered, valid.lower()).ratio()
+        if score > best_score:  # ties go to the key listed first
+            best, best_score = valid, score
+    return best
+
+
+def unknown_fleet_key_warning(opt: Option) -> str:
+    """The warning for an ``[X-Fleet]`` assignment with an unknown key."""
+    message = f"{opt.source}:{opt.line}: unknown [X-Fleet] option {opt.key!r}, ignoring it"
+    suggestion = nearest_fleet_key(opt.key)
+    if suggestion is not None:
+        message += f" (did you mean {suggestion!r}?)"
+    return message
 
 
 def _fleet_words(value: str, unit: UnitName | None, path: str | None) -> list[str]:
