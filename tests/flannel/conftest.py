@@ -4,35 +4,18 @@ and pairs of network namespaces (root only) that stand for two hosts."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import uvloop
 
-# tests/ itself is not a package: make the shared tests/realetcd.py importable whatever
-# pytest's import mode.
-TESTS_DIR = str(Path(__file__).resolve().parent.parent)
-if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
+from grozd.client import Client
 
-from realetcd import start_etcd  # noqa: E402
-
-from grozd.client import Client  # noqa: E402
-
-from .nshelp import HostPair, host_pair  # noqa: E402
+from .nshelp import HostPair, host_pair
 
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="session")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Client URL of a real etcd 3.4 (v2 API on) shared by the whole session."""
-    with start_etcd(tmp_path_factory.mktemp("etcd")) as (_proc, url):
-        yield url
 
 
 @pytest.fixture

@@ -5,36 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-# tests/ itself is not a package: make the shared tests/realetcd.py importable whatever
-# pytest's import mode.
-TESTS_DIR = str(Path(__file__).resolve().parent.parent)
-if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
-
-from realetcd import start_etcd  # noqa: E402
-
-from grozd.client import Client, KeyNotFoundError, SyncClient  # noqa: E402
-from grozd.fleet.agent import Agent  # noqa: E402
-from grozd.fleet.engine import Engine  # noqa: E402
-from grozd.fleet.registry import MachineState, Registry  # noqa: E402
-from grozd.fleet.runners import Runner, StateCallback, UnitState  # noqa: E402
+from grozd.client import Client, KeyNotFoundError, SyncClient
+from grozd.fleet.agent import Agent
+from grozd.fleet.engine import Engine
+from grozd.fleet.registry import MachineState, Registry
+from grozd.fleet.runners import Runner, StateCallback, UnitState
 
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="session")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Client URL of a real etcd 3.4 (v2 API on) shared by the whole session."""
-    with start_etcd(tmp_path_factory.mktemp("etcd")) as (_proc, url):
-        yield url
 
 
 @pytest.fixture
