@@ -20,8 +20,8 @@ from grozd.api.backend import (
     NoLeader,
     ProposalTimeout,
 )
-from grozd.api.config import ApiConfig
 from grozd.api.expiry import expire_once, expiry_loop
+from grozd.http.config import ApiConfig
 
 __all__ = [
     "ApiConfig",

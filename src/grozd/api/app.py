@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from grozd.api.backend import Backend
-from grozd.api.config import ApiConfig
 from grozd.api.handlers import Api
-from grozd.api.http import HttpServer
+from grozd.http.config import ApiConfig
+from grozd.http.server import HttpServer
 from grozd.store import Store
 
 

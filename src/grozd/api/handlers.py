@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from grozd.api.backend import Backend, MemberError
-from grozd.api.config import ApiConfig
 from grozd.api.forms import (
     Form,
     FormError,
@@ -28,8 +27,9 @@ from grozd.api.forms import (
     parse_uint,
     unescape,
 )
-from grozd.api.http import HttpServer, Request, Response, plain
 from grozd.api.metrics import CONTENT_TYPE, HttpMetrics, gauge, labelled
+from grozd.http.config import ApiConfig
+from grozd.http.server import HttpServer, Request, Response, plain
 from grozd.store import Event, Store
 from grozd.store.commands import CommandError, request_command
 from grozd.store.errors import (

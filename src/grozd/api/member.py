@@ -24,8 +24,8 @@ from grozd.api.backend import (
     _go_duration,
     _go_time,
 )
-from grozd.api.config import ApiConfig
 from grozd.api.expiry import expiry_loop
+from grozd.http.config import ApiConfig
 from grozd.raft.core import ConfChangeType
 from grozd.raft.node import (
     DataDirMismatchError,

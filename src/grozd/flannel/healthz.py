@@ -4,9 +4,9 @@ counters (packets, bytes, drops by reason) in Prometheus text."""
 
 from __future__ import annotations
 
-from grozd.api.config import ApiConfig
-from grozd.api.http import HttpServer, Request, Response
 from grozd.flannel.daemon import Flanneld
+from grozd.http.config import ApiConfig
+from grozd.http.server import HttpServer, Request, Response
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

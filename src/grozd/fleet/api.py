@@ -32,8 +32,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from grozd.api.config import ApiConfig
-from grozd.api.http import HttpServer, Request, Response
 from grozd.client import EtcdError, EtcdUnavailable
 from grozd.fleet.registry import (
     JOB_STATES,
@@ -47,6 +45,8 @@ from grozd.fleet.registry import (
 from grozd.fleet.runners import Runner
 from grozd.fleet.spec import UnitFileError, parse_spec, spec_for
 from grozd.fleet.unit import parse_unit
+from grozd.http.config import ApiConfig
+from grozd.http.server import HttpServer, Request, Response
 
 log = logging.getLogger(__name__)
 

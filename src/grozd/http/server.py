@@ -29,9 +29,9 @@ from typing import Any, cast
 
 import httptools
 
-from grozd.api.config import ApiConfig
+from grozd.http.config import ApiConfig
 
-log = logging.getLogger("grozd.api.http")
+log = logging.getLogger("grozd.http.server")
 
 Handler = Callable[["Request"], Awaitable["Response"]]
 
