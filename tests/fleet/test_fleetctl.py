@@ -216,7 +216,8 @@ def test_bad_input_and_usage(fleet: Fleet, tmp_path: Path):
                 "[Service]\nExecStart=/bin/sleep 300\n[X-Fleet]\nMachineMetdata=region=us\n")
     code, out, err = fleet.ctl("submit", odd)
     assert code == 0 and out == "Unit odd.service inactive\n"
-    assert err == f"WARNING: {odd}:4: unknown [X-Fleet] option 'MachineMetdata', ignoring it\n"
+    assert err == (f"WARNING: {odd}:4: unknown [X-Fleet] option 'MachineMetdata', ignoring it"
+                   " (did you mean 'MachineMetadata'?)\n")
     meta = write(tmp_path, "meta.service", "[Service]\nExecStart=/bin/true\n"
                                            "[X-Fleet]\nMachineMetadata=region\n")  # fmt: skip
     assert fleet.ctl("submit", meta)[2] == (

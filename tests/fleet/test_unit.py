@@ -889,7 +889,8 @@ def test_fleetctl_and_engine_accept_and_log_unknown_fleet_key(
     args = ["--endpoint", etcd_url, "--etcd-key-prefix", prefix, "start", "--no-block", str(path)]
     assert fleetctl.main(args, out=out, err=err) == 0
     assert err.getvalue() == (
-        f"WARNING: {path}:4: unknown [X-Fleet] option 'MachineMetdata', ignoring it\n"
+        f"WARNING: {path}:4: unknown [X-Fleet] option 'MachineMetdata', ignoring it"
+        " (did you mean 'MachineMetadata'?)\n"
     )
     hint = ":4: unknown [X-Fleet] option 'MachineMetdata', ignoring it" \
         " (did you mean 'MachineMetadata'?)"  # fmt: skip

@@ -19,6 +19,7 @@ from grozd.fleet.unit import (
     UnitFileError,
     UnitName,
     parse_unit,
+    unknown_fleet_key_warning,
     validate,
 )
 
@@ -106,9 +107,7 @@ def parse_spec(name: str, text: str | bytes, source: str | None = None) -> UnitS
     for opt in unit.options:
         if opt.section == "X-Fleet":
             if opt.key not in KNOWN_FLEET_KEYS:
-                warnings.append(
-                    f"{opt.source}:{opt.line}: unknown [X-Fleet] option {opt.key!r}, ignoring it"
-                )
+                warnings.append(unknown_fleet_key_warning(opt))
                 continue
             if opt.key in _DEPRECATED:
                 warnings.append(
