@@ -17,7 +17,6 @@ import struct
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
@@ -25,6 +24,7 @@ from ipaddress import IPv4Network
 import pytest
 
 from grozd.flannel.backends.udp import UdpBackend, run_in_netns
+from tests.flannel.nshelp import namespaces as shared_namespaces
 
 PREFIX = "grozd-dp-"
 NETWORK = IPv4Network("10.77.0.0/16")
@@ -62,21 +62,8 @@ def our_namespaces() -> list[str]:
 def namespaces(count: int) -> Iterator[list[str]]:
     """``count`` fresh namespaces with lo up, deleted afterwards."""
     require_root()
-    tag = uuid.uuid4().hex[:8]
-    created: list[str] = []
-    try:
-        for i in range(count):
-            name = f"{PREFIX}{tag}-{i}"
-            res = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True,
-                                 timeout=10)
-            if res.returncode != 0:
-                pytest.skip(f"cannot create network namespaces: {res.stderr.strip()}")
-            created.append(name)
-            ip("-n", name, "link", "set", "lo", "up")
-        yield created
-    finally:
-        for name in created:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+    with shared_namespaces(count, prefix=PREFIX) as names:
+        yield names
 
 
 @dataclass

@@ -72,14 +72,15 @@ def tool(*args: str) -> str:
 
 
 @contextlib.contextmanager
-def namespaces(count: int) -> Iterator[list[str]]:
-    """``count`` fresh namespaces; skips the test if they cannot be made."""
+def namespaces(count: int, prefix: str = "grozd-t-") -> Iterator[list[str]]:
+    """``count`` fresh namespaces named ``<prefix><random>-<n>``, lo up, deleted afterwards;
+    skips the test if they cannot be made."""
     require_root()
     tag = uuid.uuid4().hex[:8]
     created: list[str] = []
     try:
         for i in range(count):
-            name = f"grozd-t-{tag}-{i}"
+            name = f"{prefix}{tag}-{i}"
             res = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True,
                                  timeout=10)
             if res.returncode != 0:
