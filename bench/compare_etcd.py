@@ -67,10 +67,18 @@ class Cluster:
         self.client_urls = clients
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self.leader_url():
+            if self.leader_url() and all(self.answers(u) for u in clients):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"{self.kind} cluster did not elect a leader")
+
+    @staticmethod
+    def answers(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/v2/keys/", timeout=1):
+                return True
+        except OSError:
+            return False
 
     def leader_url(self) -> str | None:
         for url in self.client_urls:
@@ -109,7 +117,10 @@ def wrk(url: str, clients: int, seconds: float, script: Path | None) -> dict:
             "-d", f"{max(1, round(seconds))}s", "--latency", "--timeout", "10s"]
     if script:
         args += ["-s", str(script)]
-    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run([*args, url], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"wrk failed: {proc.stdout}{proc.stderr}")
+    out = proc.stdout
 
     def latency(label: str) -> float:
         m = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out)

@@ -55,12 +55,13 @@ class FlakyBackend(LocalBackend):
         self.leader = self.member_id
         self.leader_stats: dict[str, Any] | None = {"leader": "x", "followers": {}}
 
-    async def propose(self, command: bytes) -> object:
+    async def propose(self, command: bytes, timeout: float | None = None) -> object:
         if self.delay:
-            await asyncio.sleep(self.delay)
+            async with asyncio.timeout(timeout):
+                await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
-        return await super().propose(command)
+        return await super().propose(command, timeout)
 
     async def read_index(self) -> None:
         self.reads += 1

@@ -79,10 +79,12 @@ class Backend(Protocol):
     the store applies in log order, so a client sees its own writes in order.
     """
 
-    async def propose(self, command: bytes) -> object:
+    async def propose(self, command: bytes, timeout: float | None = None) -> object:
         """Replicate ``command``; return what `Store.apply` returned for it here.
 
-        Raise on failure (see the module docstring for how errors are answered).
+        Raise on failure (see the module docstring for how errors are answered), and
+        `TimeoutError` (or a timeout error of the backend's own) after ``timeout`` seconds
+        (None: the backend's default).
         """
         ...
 
@@ -198,8 +200,8 @@ class LocalBackend:
         self._next_member_id = member_id
         self.proposals = 0
 
-    async def propose(self, command: bytes) -> object:
-        """Apply at the next log index and return the store's result."""
+    async def propose(self, command: bytes, timeout: float | None = None) -> object:
+        """Apply at the next log index and return the store's result (at once: no timeout)."""
         self._index += 1
         self.proposals += 1
         return self.store.apply(self._index, command)

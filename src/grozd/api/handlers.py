@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -180,6 +180,27 @@ class KeysRequest:
         self.value = first("value") or ""
 
 
+class ReadCache:
+    """Answers to plain reads, kept while what they depend on (``version``) is unchanged:
+    a repeated read of an unchanged key costs a dictionary lookup."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._version: tuple[int, ...] | None = None
+        self._answers: dict[tuple[bytes, bytes], Response] = {}
+
+    def get(self, path: bytes, query: bytes, version: tuple[int, ...]) -> Response | None:
+        if version != self._version:
+            return None
+        return self._answers.get((path, query))
+
+    def put(self, path: bytes, query: bytes, version: tuple[int, ...], answer: Response) -> None:
+        if version != self._version or len(self._answers) >= self.size:
+            self._answers.clear()
+            self._version = version
+        self._answers[(path, query)] = answer
+
+
 class Api:
     """The request handler given to `HttpServer`."""
 
@@ -189,6 +210,7 @@ class Api:
         self.config = config
         self.metrics = HttpMetrics()
         self.server: HttpServer | None = None
+        self._reads = ReadCache()
         self._exact = {
             "/v2/stats/store": self.stats_store,
             "/v2/stats/self": self.stats_self,
@@ -199,13 +221,27 @@ class Api:
             "/metrics": self.metrics_page,
         }
 
-    async def __call__(self, request: Request) -> Response:
-        response = await self._route(request)
-        if self.config.cors:
+    def __call__(self, request: Request) -> Response | Awaitable[Response]:
+        if request.method == "GET":
+            cached = self._reads.get(request.path, request.query, self._read_version())
+            if cached is not None:
+                self.store.counters["getsSuccess"] += 1
+                self.metrics.observe("GET", cached.status, 0.0)
+                return cached
+        response = self._route(request)
+        if not self.config.cors:
+            return response
+        if isinstance(response, Response):
             response.headers[:0] = CORS_HEADERS
+            return response
+        return self._with_cors(response)
+
+    async def _with_cors(self, pending: Awaitable[Response]) -> Response:
+        response = await pending
+        response.headers[:0] = CORS_HEADERS
         return response
 
-    async def _route(self, request: Request) -> Response:
+    def _route(self, request: Request) -> Response | Awaitable[Response]:
         if request.method == "OPTIONS" and self.config.cors:
             # etcd's CORS layer answers every preflight itself.
             return Response(200)
@@ -217,9 +253,9 @@ class Api:
         if cleaned != path:
             return self._redirect(request, cleaned)
         if path == KEYS_PREFIX or path.startswith(KEYS_PREFIX + "/"):
-            return await self.keys(request, path[len(KEYS_PREFIX) :])
+            return self.keys(request, path[len(KEYS_PREFIX) :])
         if path == MEMBERS_PREFIX or path.startswith(MEMBERS_PREFIX + "/"):
-            return await self.members(request, path[len(MEMBERS_PREFIX) :].lstrip("/"))
+            return self.members(request, path[len(MEMBERS_PREFIX) :].lstrip("/"))
         simple = self._exact.get(path)
         if simple is not None:
             return simple(request)
@@ -277,11 +313,10 @@ class Api:
             raise EtcdError(INVALID_FORM, error)
         return form
 
-    async def keys(self, request: Request, key: str) -> Response:
+    def keys(self, request: Request, key: str) -> Response | Awaitable[Response]:
         method = request.method
         if method not in KEYS_METHODS:
-            response = method_not_allowed(",".join(KEYS_METHODS))
-            return response
+            return method_not_allowed(",".join(KEYS_METHODS))
         started = time.perf_counter()
         try:
             params = KeysRequest(method, key or "/", self._form(request))
@@ -289,9 +324,25 @@ class Api:
             return self._observed(method, started, self._error(error))
         if method == "GET" and params.wait:
             return self._watch(request, params)
+        if method in ("GET", "HEAD") and not (params.quorum and method == "GET"):
+            # A local read answers at once (no task): most requests are these.
+            try:
+                response = self._local_read(params)
+            except EtcdError as error:
+                return self._observed(method, started, self._error(error))
+            if method == "GET":
+                self._remember(request, response)
+            return self._observed(method, started, response)
+        return self._later(request, method, started, params)
+
+    async def _later(
+        self, request: Request, method: str, started: float, params: KeysRequest
+    ) -> Response:
+        """Requests that wait for the cluster: writes and quorum reads."""
         try:
-            if method in ("GET", "HEAD"):
-                response = await self._read(params)
+            if method == "GET":
+                await self._read_index()
+                response = self._local_read(params)
             else:
                 response = await self._write(params)
         except EtcdError as error:
@@ -302,20 +353,34 @@ class Api:
         self.metrics.observe(method, response.status, time.perf_counter() - started)
         return response
 
-    async def _read(self, params: KeysRequest) -> Response:
-        if params.quorum and params.method == "GET":
-            try:
-                async with asyncio.timeout(self.config.request_timeout):
-                    await self.backend.read_index()
-            except EtcdError:
-                raise
-            except Exception as exc:
-                log.debug("event=read_index_failed error=%r", exc)
-                raise backend_error(exc) from None
+    async def _read_index(self) -> None:
+        try:
+            async with asyncio.timeout(self.config.request_timeout):
+                await self.backend.read_index()
+        except EtcdError:
+            raise
+        except Exception as exc:
+            log.debug("event=read_index_failed error=%r", exc)
+            raise backend_error(exc) from None
+
+    def _local_read(self, params: KeysRequest) -> Response:
         event = self.store.get(
             params.key, params.recursive, params.sorted, now=self.config.clock()
         )
         return self._event(event)
+
+    def _read_version(self) -> tuple[int, int, int]:
+        """What a read's answer depends on besides time: the store and the Raft position."""
+        return (self.store.index, self.backend.raft_index, self.backend.raft_term)
+
+    def _remember(self, request: Request, response: Response) -> None:
+        """Keep a plain read's answer for repeats until the store changes. Answers with a
+        TTL count down with time and are never kept."""
+        if b'"ttl":' in response.body:
+            return
+        headers = CORS_HEADERS + response.headers if self.config.cors else response.headers
+        kept = Response(response.status, headers, response.body)
+        self._reads.put(request.path, request.query, self._read_version(), kept)
 
     async def _write(self, params: KeysRequest) -> Response:
         try:
@@ -336,8 +401,7 @@ class Api:
             # Only a TTL too large to represent gets here.
             raise EtcdError(TTL_NAN, 'invalid value for "ttl"') from None
         try:
-            async with asyncio.timeout(self.config.request_timeout):
-                result = await self.backend.propose(command)
+            result = await self.backend.propose(command, self.config.request_timeout)
         except Exception as exc:
             log.debug("event=propose_failed error=%r", exc)
             raise backend_error(exc) from None

@@ -65,9 +65,9 @@ class RaftBackend:
         self.started = time.time()
         self.removed: set[int] = set()
 
-    async def propose(self, command: bytes) -> object:
+    async def propose(self, command: bytes, timeout: float | None = None) -> object:
         try:
-            return await self.node.propose(command)
+            return await self.node.propose(command, timeout)
         except NodeError as e:
             raise _backend_error(e) from None
 

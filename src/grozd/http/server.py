@@ -33,7 +33,9 @@ from grozd.http.config import ApiConfig
 
 log = logging.getLogger("grozd.http.server")
 
-Handler = Callable[["Request"], Awaitable["Response"]]
+# A handler answers at once (a Response) or later (an awaitable): answering at once spares a
+# task per request, which is most of the cost of a small read.
+Handler = Callable[["Request"], "Response | Awaitable[Response]"]
 
 # Seconds a refused connection stays open (half-closed) so the client can read the answer.
 LINGER = 1.0
@@ -95,7 +97,7 @@ class Response:
     after this response.
     """
 
-    __slots__ = ("status", "headers", "body", "stream", "on_close", "close")
+    __slots__ = ("status", "headers", "body", "stream", "on_close", "close", "_encoded")
 
     def __init__(
         self,
@@ -113,6 +115,14 @@ class Response:
         self.stream = stream
         self.on_close = on_close
         self.close = close
+        self._encoded: bytes | None = None
+
+    def encoded_headers(self) -> bytes:
+        """``headers`` as header lines; kept, since an answer may be sent many times."""
+        if self._encoded is None:
+            self._encoded = "".join(f"{name}: {value}\r\n" for name, value in self.headers
+                                    ).encode("latin-1", "replace")
+        return self._encoded
 
     def release(self) -> None:
         callback, self.on_close = self.on_close, None
@@ -142,36 +152,43 @@ class _Reject(Exception):
 
 
 class HttpConnection(asyncio.Protocol):
-    """One client connection: parse, run the handler in order, write in order."""
+    """One client connection: parse, run the handler in order, write in order.
+
+    A request whose handler answers at once is answered from ``data_received`` itself; a
+    handler that has to wait (a proposal, a quorum read) continues in a task, and the
+    requests behind it wait their turn. Timeouts are deadlines checked by the server's
+    sweep, not a timer per request.
+    """
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.config = server.config
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.parser = httptools.HttpRequestParser(self)
         self.watchers = 0  # watches this connection holds (for the per-connection limit)
         self._requests: deque[Request] = deque()
         self._responses: deque[tuple[Request, Response]] = deque()
-        self._runner: asyncio.Task[None] | None = None
+        self._handling: asyncio.Task[None] | None = None  # a handler that had to wait
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._stop_reading = False
         self._paused = False
         self._reading_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self._timer_kind = ""
-        self._space: asyncio.Future[None] | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._reset_message()
 
     def _reset_message(self) -> None:
         self._in_message = False
-        self._url = bytearray()
+        self._url = b""
         self._head_size = 0
         self._headers: dict[str, str] = {}
-        self._body = bytearray()
+        self._body: list[bytes] = []
+        self._body_size = 0
         self._expected = 0
         self._keep_alive = True
 
@@ -187,9 +204,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=256 * 1024)
         if len(self.server.connections) > self.config.max_connections:
             self.server.rejected["connections"] += 1
-            self._send_and_close(
-                plain(503, "503 Service Unavailable: too many connections", close=True)
-            )
+            self._refuse(plain(503, "503 Service Unavailable: too many connections", close=True))
             return
         self._arm(self.config.idle_timeout, "idle")
 
@@ -199,21 +214,19 @@ class HttpConnection(asyncio.Protocol):
         self._cancel_timer()
         if self._write_timer is not None:
             self._write_timer.cancel()
-        for task in (self._runner, self._writer):
+        for task in (self._handling, self._writer):
             if task is not None and not task.done():
                 task.cancel()
         while self._responses:
             self._responses.popleft()[1].release()
         self._requests.clear()
-        if self._space is not None and not self._space.done():
-            self._space.set_result(None)
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
     def pause_writing(self) -> None:
         self._paused = True
         if self._write_timer is None:
-            self._write_timer = asyncio.get_running_loop().call_later(
+            self._write_timer = self._loop.call_later(
                 self.config.write_timeout, self._write_timed_out
             )
 
@@ -295,22 +308,21 @@ class HttpConnection(asyncio.Protocol):
                 raise _Reject(_too_large_body(self._expected, self.config.max_body_bytes))
         expects = self._headers.get("expect", "").lower() == "100-continue"
         # Only when nothing is ahead of it: an interim answer must not cut into another.
-        busy = self._requests or self._responses or (
-            self._runner is not None and not self._runner.done()
-        )
+        busy = self._requests or self._responses or self._handling is not None
         if expects and self.transport and not busy:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._arm(self.config.body_timeout, "body")
 
     def on_body(self, body: bytes) -> None:
-        self._body += body
-        if len(self._body) > self.config.max_body_bytes:
+        self._body.append(body)
+        self._body_size += len(body)
+        if self._body_size > self.config.max_body_bytes:
             self.server.rejected["body_size"] += 1
-            raise _Reject(_too_large_body(len(self._body), self.config.max_body_bytes))
+            raise _Reject(_too_large_body(self._body_size, self.config.max_body_bytes))
 
     def on_message_complete(self) -> None:
         self._cancel_timer()
-        url = bytes(self._url)
+        url = self._url
         if url.startswith(b"/"):
             path, _, query = url.partition(b"?")
             path = path.partition(b"#")[0]
@@ -327,7 +339,7 @@ class HttpConnection(asyncio.Protocol):
             query,
             self.parser.get_http_version(),
             self._headers,
-            bytes(self._body),
+            b"".join(self._body),
             self._keep_alive,
             self,
         )
@@ -343,11 +355,17 @@ class HttpConnection(asyncio.Protocol):
             self._reading_paused = True
             if self.transport is not None:
                 self.transport.pause_reading()
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.get_running_loop().create_task(self._run_requests())
+        if self._handling is None:
+            self._pump()
 
-    async def _run_requests(self) -> None:
-        while self._requests and not self._closed:
+    def _pump(self) -> None:
+        """Answer queued requests in order, until one has to wait or the output backs up."""
+        while (
+            self._requests
+            and self._handling is None
+            and not self._closed
+            and len(self._responses) < self.config.max_pipeline
+        ):
             request = self._requests.popleft()
             if self._reading_paused and len(self._requests) < self.config.max_pipeline // 2:
                 self._reading_paused = False
@@ -356,31 +374,49 @@ class HttpConnection(asyncio.Protocol):
             response = request.response
             if response is None:
                 try:
-                    response = await self.server.handler(request)
-                except asyncio.CancelledError:
-                    raise
+                    answer = self.server.handler(request)
                 except Exception:
-                    log.exception("event=handler_failed method=%s path=%r", request.method,
-                                  request.path)
-                    response = Response(
-                        500,
-                        [("Content-Type", "application/json")],
-                        b'{"message":"Internal Server Error"}',
-                    )
-            if self._closed:
-                response.release()
-                return
-            self._responses.append((request, response))
-            if self._writer is None or self._writer.done():
-                self._writer = asyncio.get_running_loop().create_task(self._write_responses())
-            # Do not run far ahead of what the client reads.
-            while len(self._responses) >= self.config.max_pipeline and not self._closed:
-                self._space = asyncio.get_running_loop().create_future()
-                try:
-                    await self._space
-                finally:
-                    self._space = None
+                    answer = _handler_failed(request)
+                if not isinstance(answer, Response):
+                    self._handling = self._loop.create_task(self._await_handler(request, answer))
+                    return
+                response = answer
+            self._respond(request, response)
         self._maybe_idle()
+
+    async def _await_handler(self, request: Request, pending: Awaitable[Response]) -> None:
+        try:
+            response = await pending
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            response = _handler_failed(request)
+        self._handling = None
+        if self._closed:
+            response.release()
+            return
+        self._respond(request, response)
+        self._pump()
+
+    def _respond(self, request: Request, response: Response) -> None:
+        """Send at once when nothing is ahead and it is a plain body; else queue it."""
+        if (
+            not self._responses
+            and response.stream is None
+            and not self._paused
+            and (self._writer is None or self._writer.done())
+        ):
+            try:
+                keep = self._write_body(request, response)
+            finally:
+                response.release()
+            if not keep:
+                self._stop_reading = True
+                self._finish(linger=response.close and request.response is response)
+            return
+        self._responses.append((request, response))
+        if self._writer is None or self._writer.done():
+            self._writer = self._loop.create_task(self._write_responses())
 
     async def _write_responses(self) -> None:
         while self._responses and not self._closed:
@@ -396,29 +432,19 @@ class HttpConnection(asyncio.Protocol):
                 if self._responses and self._responses[0][1] is response:
                     self._responses.popleft()
                 response.release()
-                if self._space is not None and not self._space.done():
-                    self._space.set_result(None)
             if not keep:
                 self._stop_reading = True
                 self._finish(linger=response.close and request.response is response)
                 return
+            if self._handling is None and self._requests:
+                self._pump()  # there is room again for answers held back
         self._maybe_idle()
 
-    async def _write(self, request: Request, response: Response) -> bool:
-        """Send one response; returns whether the connection stays open."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return False
+    def _head(self, request: Request, response: Response, keep: bool) -> bytes:
         http11 = request.version != "1.0"
-        keep = request.keep_alive and not response.close and not self._stop_reading
-        head = [f"HTTP/{'1.1' if http11 else '1.0'} {response.status} "
-                f"{reason(response.status)}\r\n".encode()]
-        for name, value in response.headers:
-            head.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
-        head.append(b"Date: " + http_date() + b"\r\n")
         streaming = response.stream is not None
-        if streaming and not http11:
-            keep = False  # HTTP/1.0 has no chunking: the end of the stream is the close
+        head = [_status_line(http11, response.status), response.encoded_headers(),
+                b"Date: ", http_date(), b"\r\n"]
         if not keep:
             head.append(b"Connection: close\r\n")
         elif not http11:
@@ -429,14 +455,33 @@ class HttpConnection(asyncio.Protocol):
         elif response.status >= 200 and response.status not in (204, 304):
             head.append(b"Content-Length: %d\r\n" % len(response.body))
         head.append(b"\r\n")
-        if not streaming:
-            if request.method != "HEAD" and response.body:
-                head.append(response.body)
-            transport.write(b"".join(head))
+        return b"".join(head)
+
+    def _write_body(self, request: Request, response: Response) -> bool:
+        """Send a response with a complete body; returns whether the connection stays open."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        keep = request.keep_alive and not response.close and not self._stop_reading
+        head = self._head(request, response, keep)
+        if request.method != "HEAD" and response.body:
+            head += response.body
+        transport.write(head)
+        return keep
+
+    async def _write(self, request: Request, response: Response) -> bool:
+        """Send one response, waiting for the client to read; whether the connection stays."""
+        if response.stream is None:
+            keep = self._write_body(request, response)
             await self._drain()
             return keep
-        transport.write(b"".join(head))
-        assert response.stream is not None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        http11 = request.version != "1.0"
+        # HTTP/1.0 has no chunking: the end of the stream is the close.
+        keep = http11 and request.keep_alive and not response.close and not self._stop_reading
+        transport.write(self._head(request, response, keep))
         async for chunk in response.stream:
             if self._closed or transport.is_closing():
                 return False
@@ -451,7 +496,7 @@ class HttpConnection(asyncio.Protocol):
     async def _drain(self) -> None:
         if not self._paused or self._closed:
             return
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self._loop.create_future()
         self._drain_waiter = waiter
         try:
             await waiter
@@ -467,7 +512,7 @@ class HttpConnection(asyncio.Protocol):
             return
         if linger and transport.can_write_eof():
             transport.write_eof()
-            asyncio.get_running_loop().call_later(LINGER, transport.close)
+            self._loop.call_later(LINGER, transport.close)
         else:
             transport.close()
 
@@ -482,34 +527,29 @@ class HttpConnection(asyncio.Protocol):
         request.response = response
         self._enqueue(request)
 
-    def _send_and_close(self, response: Response) -> None:
-        self._refuse(response)
-
     def _arm(self, delay: float, kind: str) -> None:
-        self._cancel_timer()
+        self._deadline = self._loop.time() + delay
         self._timer_kind = kind
-        self._timer = asyncio.get_running_loop().call_later(delay, self._timed_out, kind)
+        self.server.armed.add(self)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_kind = ""
+        if self._timer_kind:
+            self._timer_kind = ""
+            self.server.armed.discard(self)
 
     def _maybe_idle(self) -> None:
-        busy = (
-            self._in_message
-            or self._requests
-            or self._responses
-            or (self._runner is not None and not self._runner.done()
-                and self._runner is not asyncio.current_task())
-        )
-        if not busy and not self._closed and self._timer is None:
+        busy = self._in_message or self._requests or self._responses or self._handling
+        if not busy and not self._closed and not self._timer_kind:
             self._arm(self.config.idle_timeout, "idle")
 
+    def check_deadline(self, now: float) -> None:
+        """Called by the server's sweep: act on a deadline that has passed."""
+        if self._timer_kind and now >= self._deadline:
+            kind = self._timer_kind
+            self._cancel_timer()
+            self._timed_out(kind)
+
     def _timed_out(self, kind: str) -> None:
-        self._timer = None
-        self._timer_kind = ""
         if self._closed or self.transport is None:
             return
         if kind == "idle":
@@ -520,7 +560,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self.server.rejected[f"{kind}_timeout"] += 1
         log.debug("event=request_timeout kind=%s peer=%s", kind, self.peer)
-        if self._responses or self._requests:
+        if self._responses or self._requests or self._handling is not None:
             self.transport.abort()  # mid-pipeline: nothing sensible to answer
             return
         self._refuse(plain(408, f"408 Request Timeout: {kind} not received in time", close=True))
@@ -531,6 +571,23 @@ class HttpConnection(asyncio.Protocol):
             self.server.rejected["write_timeout"] += 1
             log.debug("event=write_timeout peer=%s", self.peer)
             self.transport.abort()
+
+
+def _handler_failed(request: Request) -> Response:
+    log.exception("event=handler_failed method=%s path=%r", request.method, request.path)
+    return Response(500, [("Content-Type", "application/json")],
+                    b'{"message":"Internal Server Error"}')
+
+
+_status_lines: dict[tuple[bool, int], bytes] = {}
+
+
+def _status_line(http11: bool, status: int) -> bytes:
+    line = _status_lines.get((http11, status))
+    if line is None:
+        line = f"HTTP/{'1.1' if http11 else '1.0'} {status} {reason(status)}\r\n".encode()
+        _status_lines[(http11, status)] = line
+    return line
 
 
 def _too_large_header(limit: int) -> Response:
@@ -564,6 +621,18 @@ class HttpServer:
             )
         }
         self._servers: list[asyncio.AbstractServer] = []
+        # Connections with a deadline (idle, header, body), checked by one periodic sweep.
+        self.armed: set[HttpConnection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        timeouts = (config.idle_timeout, config.header_timeout, config.body_timeout)
+        self._sweep_every = min(0.5, max(0.005, min(timeouts) / 8))
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in [c for c in self.armed if c._deadline <= now]:
+            conn.check_deadline(now)
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port (port 0 picks a free one; see `port`). May be called again
@@ -573,6 +642,8 @@ class HttpServer:
             lambda: HttpConnection(self), host, port, reuse_address=True, backlog=1024
         )
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_every, self._sweep)
 
     @property
     def port(self) -> int:
@@ -590,6 +661,9 @@ class HttpServer:
     async def stop(self) -> None:
         """Stop listening and close every connection (watches end)."""
         servers, self._servers = self._servers, []
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for server in servers:
             server.close()
         for conn in list(self.connections):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -183,6 +184,8 @@ class RaftNode:
         self.snapshot_index = 0
         self.seq = 0
         self.waiting: dict[int, asyncio.Future] = {}
+        # (deadline, seq) of proposals, checked on every tick: cheaper than a timer each.
+        self.deadlines: list[tuple[float, int]] = []
         self.reads: dict[bytes, asyncio.Future] = {}
         self.applied_waiters: list[tuple[int, asyncio.Future]] = []
         self.leader_changed = asyncio.Event()
@@ -339,9 +342,21 @@ class RaftNode:
             core.campaign_now()  # the only voter: no one to wait for
         else:
             core.tick()
-        self.ticker = asyncio.get_running_loop().call_later(
-            self.config.heartbeat_interval_ms / 1000, self.tick)
+        loop = asyncio.get_running_loop()
+        self.ticker = loop.call_later(self.config.heartbeat_interval_ms / 1000, self.tick)
+        self.expire_proposals(loop.time())
         self.schedule()
+
+    def expire_proposals(self, now: float) -> None:
+        deadlines, waiting = self.deadlines, self.waiting
+        # Answered proposals leave their entry behind; drop those too, to keep the heap short.
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][1] not in waiting):
+            _, seq = heapq.heappop(deadlines)
+            fut = self.waiting.pop(seq, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(ProposalTimeoutError(
+                    "proposal timed out (leader lost or overloaded); it may or may not have"
+                    " been applied"))
 
     def on_message(self, m: Message) -> None:
         if self.core is None or self.stopped.is_set():
@@ -604,6 +619,7 @@ class RaftNode:
         seq = self.seq
         fut = loop.create_future()
         self.waiting[seq] = fut
+        heapq.heappush(self.deadlines, (deadline, seq))
         data = _ENVELOPE.pack(self.id, seq) + payload
         self.stats["proposals"] += 1
         try:
@@ -614,7 +630,8 @@ class RaftNode:
                 except ProposalDroppedError:
                     await self._until(deadline, "proposal")
             self.schedule()
-            return await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+            # Resolved by apply(), or failed by expire_proposals() at the deadline.
+            return await fut
         except TimeoutError:
             raise ProposalTimeoutError(
                 "proposal timed out (leader lost or overloaded); it may or may not have been"
