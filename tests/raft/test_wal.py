@@ -656,3 +656,30 @@ def test_full_disk(tiny_fs: Path) -> None:
     assert rec.entries == acked
     assert rec.hard_state == HardState(1, 1, 10)
     assert rec.repaired is None
+
+
+def test_write_then_finish_is_a_save_with_the_sync_done_elsewhere(wal_dir: Path) -> None:
+    wal = WAL.create(wal_dir, META)
+    pending = wal.write(HardState(1, 1, 0), ents(1, 1, 3))
+    assert pending is not None and pending.size > 0
+    os.fdatasync(wal.fd)
+    wal.finish(pending, 0)
+    assert wal.last_index == 3 and wal.fsyncs >= 1
+    assert wal.write(None, []) is None
+    wal.close()
+    rec = reopen(wal_dir)
+    assert rec.entries == ents(1, 1, 3) and rec.hard_state == HardState(1, 1, 0)
+
+
+def test_a_failed_sync_reported_to_finish_rolls_the_batch_back(wal_dir: Path) -> None:
+    wal = WAL.create(wal_dir, META)
+    wal.save(HardState(1, 1, 0), ents(1, 1, 3))
+    size = wal.segments[-1].stat().st_size
+    pending = wal.write(HardState(1, 1, 3), ents(1, 4, 9))
+    with pytest.raises(WALWriteError, match="Input/output error"):
+        wal.finish(pending, errno.EIO)
+    assert wal.segments[-1].stat().st_size == size and wal.last_index == 3
+    wal.save(HardState(1, 1, 4), ents(1, 4, 5))  # usable, and not locked by the failure
+    wal.close()
+    rec = reopen(wal_dir)
+    assert rec.entries == ents(1, 1, 5) and rec.hard_state == HardState(1, 1, 4)

@@ -30,7 +30,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "initial-cluster-token": ("etcd-cluster", "initial cluster token for bootstrapping"),
     "heartbeat-interval": ("100", "time (in milliseconds) of a heartbeat interval"),
     "election-timeout": ("1000", "time (in milliseconds) for an election to timeout"),
-    "snapshot-count": ("10000", "number of committed transactions to trigger a snapshot"),
+    "snapshot-count": ("100000", "number of committed transactions to trigger a snapshot"),
     "max-snapshots": ("5", "maximum number of snapshot files to retain"),
     "max-wals": ("5", "maximum number of WAL files to retain"),
     "max-request-bytes": ("1572864", "maximum client request size in bytes"),
@@ -149,11 +149,13 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"grozd etcd: {e}", file=sys.stderr)
         return ExitCode.USAGE
+    from grozd import gcpolicy
     from grozd.api.member import Member, StartError
 
     async def serve() -> None:
         member = Member(cfg, **client)
         await member.start()
+        gcpolicy.install()  # after start: a restored store is already in place
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

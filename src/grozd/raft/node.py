@@ -40,11 +40,13 @@ from grozd.raft.core import (
     Snapshot,
 )
 from grozd.raft.snapshot import SnapshotStore
+from grozd.raft.syncer import Syncer
 from grozd.raft.transport import Transport, fetch_cluster_id
 from grozd.raft.wal import WAL, WALWriteError
 
 log = logging.getLogger("grozd.raft.node")
 
+_MAX_FD = 1 << 16
 _ENVELOPE = struct.Struct(">QQ")  # proposing member, its sequence number; then the payload
 
 
@@ -147,7 +149,7 @@ class NodeConfig:
     initial_cluster_token: str = "etcd-cluster"
     heartbeat_interval_ms: int = 100
     election_timeout_ms: int = 1000
-    snapshot_count: int = 10000
+    snapshot_count: int = 100000  # etcd 3.4's default
     max_snapshots: int = 5
     max_wals: int = 5
     request_timeout: float = 7.0
@@ -186,6 +188,9 @@ class RaftNode:
         self.waiting: dict[int, asyncio.Future] = {}
         # (deadline, seq) of proposals, checked on every tick: cheaper than a timer each.
         self.deadlines: list[tuple[float, int]] = []
+        # Proposals of this loop turn, handed to the core as one batch: one append message
+        # per follower and one answer back, however many clients wrote at once.
+        self.queued: list[tuple[int, bytes]] = []
         self.reads: dict[bytes, asyncio.Future] = {}
         self.applied_waiters: list[tuple[int, asyncio.Future]] = []
         self.leader_changed = asyncio.Event()
@@ -199,6 +204,9 @@ class RaftNode:
         self.removed = False
         self.fsync_seconds = Histogram()
         self.force_snapshot = False
+        self.snapshotting: asyncio.Task[None] | None = None
+        self.syncer: Syncer | None = None
+        self.wal_pending = False
         self.joined_members: list = []
         self.durable_vote = (0, 0)  # (term, vote) as last synced
 
@@ -353,10 +361,29 @@ class RaftNode:
         while deadlines and (deadlines[0][0] <= now or deadlines[0][1] not in waiting):
             _, seq = heapq.heappop(deadlines)
             fut = self.waiting.pop(seq, None)
-            if fut is not None and not fut.done():
+            if fut is None or fut.done():
+                continue
+            if any(queued == seq for queued, _ in self.queued):
+                fut.set_exception(NoLeaderError(
+                    "proposal: no leader (an election is under way or a majority of members"
+                    " is unreachable); retry later"))
+            else:
                 fut.set_exception(ProposalTimeoutError(
                     "proposal timed out (leader lost or overloaded); it may or may not have"
                     " been applied"))
+        if self.queued:
+            self.queued = [(seq, data) for seq, data in self.queued if seq in waiting]
+
+    def flush_proposals(self) -> None:
+        """Hand this turn's proposals to the core; without a leader they wait for one (or
+        for their deadline)."""
+        if not self.queued or self.core is None:
+            return
+        try:
+            self.core.propose_many([data for _, data in self.queued])
+        except ProposalDroppedError:
+            return  # kept; tried again when a leader is known (and on every tick)
+        self.queued = []
 
     def on_message(self, m: Message) -> None:
         if self.core is None or self.stopped.is_set():
@@ -394,8 +421,10 @@ class RaftNode:
 
     async def process(self) -> None:
         try:
+            self.flush_proposals()
             while self.core.has_ready() and not self.stopped.is_set():
                 await self.handle_ready(self.core.ready())
+                self.flush_proposals()
         except Exception:
             log.exception("event=ready_failed member=%x", self.id)
             raise
@@ -409,8 +438,17 @@ class RaftNode:
         if leader_sends_early:
             self.transport.send(rd.messages)
         if rd.snapshot is not None:
+            if self.snapshotting is not None:
+                await asyncio.shield(self.snapshotting)  # one writer of snapshot files at a time
             await asyncio.to_thread(self.write_received_snapshot, rd.snapshot)
             self.install_snapshot(rd.snapshot)
+        # Committed entries are on a majority's disks already: apply (and answer) them while
+        # this batch's new entries are written, not after.
+        self.apply(rd)
+        for rs in rd.read_states:
+            fut = self.reads.pop(rs.context, None)
+            if fut is not None and not fut.done():
+                fut.set_result(rs.index)
         if rd.hard_state is not None or rd.entries:
             await self.persist(rd)
         if rd.entries:
@@ -421,11 +459,6 @@ class RaftNode:
             self.transport.send(rd.messages)
         if rd.soft_state is not None:
             self.on_soft_state(rd.soft_state.leader, rd.soft_state.role)
-        self.apply(rd)
-        for rs in rd.read_states:
-            fut = self.reads.pop(rs.context, None)
-            if fut is not None and not fut.done():
-                fut.set_result(rs.index)
         core.advance()
         if self.removed:
             await self.stop()
@@ -444,7 +477,7 @@ class RaftNode:
             try:
                 if sync:
                     started = time.perf_counter()
-                    await asyncio.to_thread(self.wal.save, hs, rd.entries, sync=True)
+                    await self.save_synced(hs, rd.entries)
                     self.fsync_seconds.observe(time.perf_counter() - started)
                 else:
                     # A bare commit-index record: a page-cache write, cheaper than a thread hop.
@@ -467,6 +500,23 @@ class RaftNode:
                 raise StoppedError("member stopped")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def save_synced(self, hs: HardState | None, entries: list[Entry]) -> None:
+        """Write on the loop (a page-cache copy), fdatasync on the sync thread."""
+        if self.syncer is None:
+            self.syncer = Syncer(asyncio.get_running_loop())
+        pending = self.wal.write(hs, entries)
+        if pending is None:
+            return
+        self.wal_pending = True
+        try:
+            outcome = await asyncio.shield(self.syncer.fdatasync(self.wal.fd))
+        except BaseException:
+            self.wal.finish(pending, 0, synced=False)  # written; durable or not, as in a crash
+            raise
+        finally:
+            self.wal_pending = False
+        self.wal.finish(pending, outcome)
 
     def fail_proposals(self, entries: list[Entry], error: Exception) -> None:
         for e in entries:
@@ -561,21 +611,59 @@ class RaftNode:
                 asyncio.get_running_loop().create_task(self.transport.remove_peer(peer))
 
     async def maybe_snapshot(self) -> None:
+        if self.snapshotting is not None:
+            return
         due = self.applied - self.snapshot_index >= self.config.snapshot_count
         if not due and not (self.force_snapshot and self.applied > self.snapshot_index):
             return
         self.force_snapshot = False
-        index = self.applied
-        snap = self.storage.create_snapshot(index, self.core.conf_state(), self.snapshot_state())
-        self.snapshot_index = index
-        await asyncio.to_thread(self.write_snapshot, snap)
-        compact_to = index - self.config.snapshot_catchup_entries
-        if compact_to >= self.storage.first_index():
-            self.storage.compact(compact_to)
-        self.stats["snapshots"] += 1
+        self.snapshot_index = self.applied
+        # In the background: the Ready pipeline goes on while the snapshot is written.
+        self.snapshotting = asyncio.get_running_loop().create_task(
+            self.take_snapshot(self.applied, self.core.conf_state()))
 
-    def write_snapshot(self, snap: Snapshot) -> None:
-        self.snapshots.save(snap)
+    async def take_snapshot(self, index: int, conf: ConfState) -> None:
+        try:
+            snap = await self.serialize_snapshot(index, self.storage.term(index), conf)
+            if index <= self.storage.snapshot().index or self.stopped.is_set():
+                return  # a newer snapshot arrived from the leader meanwhile
+            self.storage.create_snapshot(index, conf, snap.data)
+            await asyncio.to_thread(self.mark_snapshot, snap)
+            compact_to = index - self.config.snapshot_catchup_entries
+            if compact_to >= self.storage.first_index():
+                self.storage.compact(compact_to)
+            self.stats["snapshots"] += 1
+        except Exception:
+            log.exception("event=snapshot_failed member=%x index=%d", self.id, index)
+            self.snapshot_index = min(self.snapshot_index, self.storage.snapshot().index)
+        finally:
+            self.snapshotting = None
+
+    async def serialize_snapshot(self, index: int, term: int, conf: ConfState) -> Snapshot:
+        """Serialise and save the state as of now. A forked child does the work on a
+        copy-on-write image of the state, so serving and replicating never pause for it."""
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.warning("event=snapshot_fork_failed member=%x error=%r", self.id, str(e))
+            snap = Snapshot(index, term, conf, self.snapshot_state())
+            await asyncio.to_thread(self.snapshots.save, snap)
+            return snap
+        if pid == 0:  # the child: no loop, no other threads; never returns
+            code = 1
+            try:
+                os.closerange(3, _MAX_FD)  # sockets stay the parent's alone
+                self.snapshots.save(Snapshot(index, term, conf, self.snapshot_state()))
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"the snapshot writer failed ({status:#x})")
+        return await asyncio.to_thread(self.snapshots.load, index)
+
+    def mark_snapshot(self, snap: Snapshot) -> None:
+        """Once the snapshot file is durable, the WAL records it and lets older segments go."""
         self.wal.save_snapshot(snap.index, snap.term)
         self.wal.release_to(max(0, snap.index - self.config.snapshot_catchup_entries))
         log.info("event=snapshot_saved member=%x index=%d", self.id, snap.index)
@@ -620,22 +708,12 @@ class RaftNode:
         fut = loop.create_future()
         self.waiting[seq] = fut
         heapq.heappush(self.deadlines, (deadline, seq))
-        data = _ENVELOPE.pack(self.id, seq) + payload
+        self.queued.append((seq, _ENVELOPE.pack(self.id, seq) + payload))
         self.stats["proposals"] += 1
+        self.schedule()
         try:
-            while True:
-                try:
-                    self.core.propose(data)
-                    break
-                except ProposalDroppedError:
-                    await self._until(deadline, "proposal")
-            self.schedule()
             # Resolved by apply(), or failed by expire_proposals() at the deadline.
             return await fut
-        except TimeoutError:
-            raise ProposalTimeoutError(
-                "proposal timed out (leader lost or overloaded); it may or may not have been"
-                " applied") from None
         finally:
             self.waiting.pop(seq, None)
 
@@ -748,6 +826,17 @@ class RaftNode:
                 fut.set_exception(StoppedError("member stopped"))
         if self.transport is not None:
             await self.transport.stop()
-        if self.wal is not None:
+        if self.snapshotting is not None:
+            try:
+                await asyncio.shield(self.snapshotting)
+            except Exception:
+                pass
+        for _ in range(1000):  # a batch between write and finish holds the WAL
+            if not self.wal_pending:
+                break
+            await asyncio.sleep(0.005)
+        if self.wal is not None and not self.wal_pending:
             self.wal.close()
+        if self.syncer is not None:
+            self.syncer.close()
         log.info("event=member_stopped member=%x", self.id)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import msgpack
@@ -29,6 +29,8 @@ HELLO, MESSAGE, SNAP_CHUNK, SNAP_END, REFUSE = range(5)
 MAX_FRAME = 16 * 1024 * 1024
 SNAP_CHUNK_BYTES = 1024 * 1024
 MAX_QUEUE = 8192  # frames waiting for one peer; beyond it messages are dropped like a lossy link
+DIRECT_WRITE_LIMIT = 1024 * 1024  # unsent bytes beyond which frames queue for the writer task
+READ_BYTES = 256 * 1024
 _HEADER = struct.Struct(">IB")
 
 
@@ -49,6 +51,30 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     if length < 1 or length > MAX_FRAME:
         raise ValueError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
     return kind, await reader.readexactly(length - 1)
+
+
+async def read_frames(reader: asyncio.StreamReader) -> AsyncIterator[tuple[int, bytes]]:
+    """Every frame of a stream, taken from whatever has arrived: one wakeup per read, not
+    two per frame. Ends with IncompleteReadError mid-frame, or cleanly at a frame boundary."""
+    buf = b""
+    while True:
+        chunk = await reader.read(READ_BYTES)
+        if not chunk:
+            if buf:
+                raise asyncio.IncompleteReadError(buf, None)
+            return
+        buf = buf + chunk if buf else chunk
+        offset, size = 0, len(buf)
+        while size - offset >= _HEADER.size:
+            length, kind = _HEADER.unpack_from(buf, offset)
+            if length < 1 or length > MAX_FRAME:
+                raise ValueError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
+            end = offset + _HEADER.size + length - 1
+            if end > size:
+                break
+            yield kind, buf[offset + _HEADER.size:end]
+            offset = end
+        buf = buf[offset:] if offset else buf
 
 
 def cluster_query(kind: int, body: bytes) -> list[str] | None:
@@ -105,6 +131,7 @@ class PeerSender:
         self.urls = urls
         self.queue: deque[tuple[bytes, int]] = deque()  # (frame bytes, snapshot target or 0)
         self.wakeup = asyncio.Event()
+        self.writer: asyncio.StreamWriter | None = None  # while connected
         self.task = asyncio.get_running_loop().create_task(self.run())
         self.connected = False
 
@@ -114,6 +141,16 @@ class PeerSender:
         self.queue.append((data, snapshot_to))
         self.wakeup.set()
         return True
+
+    def send_frames(self, frames: list[bytes]) -> bool:
+        """Write at once when the stream is up and keeping pace (no extra loop turn on the
+        commit path); otherwise queue behind what is waiting."""
+        writer = self.writer
+        if (writer is not None and not self.queue
+                and writer.transport.get_write_buffer_size() < DIRECT_WRITE_LIMIT):
+            writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            return True
+        return all(self.enqueue(f) for f in frames)
 
     async def run(self) -> None:
         backoff = 0.05
@@ -135,6 +172,7 @@ class PeerSender:
                 try:
                     await self.pump(writer, refused)
                 finally:
+                    self.writer = None
                     refused.cancel()
             except asyncio.CancelledError:
                 if writer is not None:
@@ -154,11 +192,13 @@ class PeerSender:
     async def pump(self, writer: asyncio.StreamWriter, refused: asyncio.Task) -> None:
         while not refused.done():
             if not self.queue:
+                self.writer = writer  # caught up: writes may go straight out
                 self.wakeup.clear()
                 waiter = asyncio.ensure_future(self.wakeup.wait())
                 await asyncio.wait([waiter, refused], return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 continue
+            self.writer = None
             batch = list(self.queue)
             self.queue.clear()
             writer.write(b"".join(data for data, _ in batch))
@@ -238,17 +278,26 @@ class Transport:
             await sender.stop()
 
     def send(self, messages: list[Message]) -> None:
+        """Send a Ready's messages: one write per peer."""
+        frames: dict[int, list[bytes]] = {}
         for m in messages:
             sender = self.peers.get(m.to)
             if sender is None:
                 continue
             self.frames_sent += 1
             if m.type == MessageType.SNAP and m.snapshot is not None:
-                ok = self.enqueue_snapshot(sender, m)
+                self.flush(frames, m.to)
+                if not self.enqueue_snapshot(sender, m):
+                    self.on_unreachable(m.to)
             else:
-                ok = sender.enqueue(frame(MESSAGE, encode_message(m)))
-            if not ok:
-                self.on_unreachable(m.to)
+                frames.setdefault(m.to, []).append(frame(MESSAGE, encode_message(m)))
+        for peer in list(frames):
+            self.flush(frames, peer)
+
+    def flush(self, frames: dict[int, list[bytes]], peer: int) -> None:
+        pending = frames.pop(peer, None)
+        if pending and not self.peers[peer].send_frames(pending):
+            self.on_unreachable(peer)
 
     def enqueue_snapshot(self, sender: PeerSender, m: Message) -> bool:
         data = m.snapshot.data
@@ -283,8 +332,7 @@ class Transport:
             # A peer opening a new stream may have restarted and lost what it had not
             # synced: the core should probe it again rather than trust what it matched.
             self.on_unreachable(msgpack.unpackb(body)[2])
-            while True:
-                kind, body = await read_frame(reader)
+            async for kind, body in read_frames(reader):
                 if kind == MESSAGE:
                     m = decode_message(body)
                 elif kind == SNAP_CHUNK:

@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, NoReturn, TypeVar
 
 import crc32c
 import msgpack
@@ -394,6 +394,15 @@ class _Replay:
 # ---- the log ------------------------------------------------------------------------------------
 
 
+class PendingSave(NamedTuple):
+    """A batch written by `WAL.write`, waiting for its fdatasync."""
+
+    start: int
+    size: int
+    hard_state: HardState | None
+    entries: list[Entry]
+
+
 class WAL:
     """An open write-ahead log (one writer; methods are serialised by a lock).
 
@@ -615,9 +624,25 @@ class WAL:
         ValueError (nothing written) for a batch that would leave a gap in the log, and
         WALWriteError if the disk refuses it (nothing of the batch is kept).
         """
-        if hard_state is None and not entries:
+        pending = self.write(hard_state, entries)
+        if pending is None:
             return
-        with self._lock:
+        error = 0
+        if sync:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                error = e.errno or errno.EIO
+        self.finish(pending, error, synced=sync)
+
+    def write(self, hard_state: HardState | None, entries: Sequence[Entry]) -> PendingSave | None:
+        """`save` in two halves, for a caller that syncs `fd` elsewhere: this one writes the
+        batch (not yet durable) and holds the WAL until `finish` is called with the outcome
+        of the fdatasync. None when there is nothing to write."""
+        if hard_state is None and not entries:
+            return None
+        self._lock.acquire()
+        try:
             self._check_usable()
             base = self._base.index if self._base is not None else 0
             if entries:
@@ -635,7 +660,27 @@ class WAL:
             # the entries it covers.
             if hard_state is not None:
                 parts.append(_record(RecordType.HARD_STATE, codec.encode_hard_state(hard_state)))
-            self._append(b"".join(parts), "save", sync=sync)
+            data = b"".join(parts)
+            start = self._size
+            try:
+                _write_all(self._fd, data)
+            except OSError as e:
+                self._undo(start, e, "save")
+            self._size = start + len(data)
+            return PendingSave(start, len(data), hard_state, list(entries))
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def finish(self, pending: PendingSave, sync_error: int = 0, *, synced: bool = True) -> None:
+        """The second half of `save`: ``sync_error`` is the fdatasync's errno (0: it worked).
+        On an error the batch is cut off again and WALWriteError raised."""
+        try:
+            if sync_error:
+                self._undo(pending.start, OSError(sync_error, os.strerror(sync_error)), "save")
+            self.fsyncs += synced
+            self.bytes_written += pending.size
+            entries = pending.entries
             if entries:
                 first = entries[0].index
                 runs = self._runs
@@ -645,9 +690,16 @@ class WAL:
                     if not runs or runs[-1][1] != e.term:
                         runs.append((e.index, e.term))
                 self._last_index = entries[-1].index
-            if hard_state is not None:
-                self._hard_state = hard_state
+            if pending.hard_state is not None:
+                self._hard_state = pending.hard_state
             self._maybe_cut()
+        finally:
+            self._lock.release()
+
+    @property
+    def fd(self) -> int:
+        """The open segment, for `write`'s caller to fdatasync."""
+        return self._fd
 
     def save_snapshot(self, index: int, term: int) -> None:
         """Record (synced) that a snapshot at index/term is saved elsewhere.
@@ -701,21 +753,26 @@ class WAL:
             if sync:
                 os.fdatasync(self._fd)
         except OSError as e:
-            path = self._segments[-1].path
-            try:
-                os.ftruncate(self._fd, start)  # drop any half-written record
-            except OSError as e2:
-                self._broken = f"truncating {path} back to {start} bytes failed: {e2.strerror}"
-                raise WALWriteError(f"{path}: {what} failed: {e.strerror}; then {self._broken}",
-                                    e.errno) from e
-            log.warning("event=wal_write_failed file=%s op=%s error=%r kept_bytes=%d", path,
-                        what, e.strerror, start)
-            raise WALWriteError(f"{path}: {what} failed: {e.strerror} (errno {e.errno});"
-                                f" truncated back to {start} bytes, nothing of it was saved",
-                                e.errno) from e
+            self._undo(start, e, what)
         self.fsyncs += sync
         self.bytes_written += len(data)
         self._size = start + len(data)
+
+    def _undo(self, start: int, e: OSError, what: str) -> NoReturn:
+        """Cut the open segment back to ``start`` (no half record stays) and raise."""
+        self._size = start
+        path = self._segments[-1].path
+        try:
+            os.ftruncate(self._fd, start)
+        except OSError as e2:
+            self._broken = f"truncating {path} back to {start} bytes failed: {e2.strerror}"
+            raise WALWriteError(f"{path}: {what} failed: {e.strerror}; then {self._broken}",
+                                e.errno) from e
+        log.warning("event=wal_write_failed file=%s op=%s error=%r kept_bytes=%d", path,
+                    what, e.strerror, start)
+        raise WALWriteError(f"{path}: {what} failed: {e.strerror} (errno {e.errno});"
+                            f" truncated back to {start} bytes, nothing of it was saved",
+                            e.errno) from e
 
     def _maybe_cut(self) -> None:
         if self._size < self._segment_bytes:

@@ -496,6 +496,7 @@ class Store:
         while stack:
             current = stack.pop()
             current.alive = False
+            current.parent = None  # no cycle left: freed at once, never by a collection
             if current.expire_ns:
                 self._ttl_live -= 1
             if current.children:
