@@ -13,6 +13,7 @@ attribute (such as `BackendError` and its subclasses) becomes that v2 error code
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -88,8 +89,17 @@ class Backend(Protocol):
         """
         ...
 
+    def submit(self, command: bytes, timeout: float | None = None) -> asyncio.Future[object]:
+        """`propose` without a coroutine: a future for the same result or failure."""
+        ...
+
     async def read_index(self) -> None:
-        """Return once this member has applied everything committed when it was called."""
+        """Return once this member has applied everything committed when it was called;
+        give up (raising) after the backend's own request timeout."""
+        ...
+
+    def read_submit(self) -> asyncio.Future[object]:
+        """`read_index` without a coroutine: a future settled the same way."""
         ...
 
     @property
@@ -205,6 +215,12 @@ class LocalBackend:
         self._index += 1
         self.proposals += 1
         return self.store.apply(self._index, command)
+
+    def submit(self, command: bytes, timeout: float | None = None) -> asyncio.Future[object]:
+        return asyncio.ensure_future(self.propose(command, timeout))
+
+    def read_submit(self) -> asyncio.Future[object]:
+        return asyncio.ensure_future(self.read_index())
 
     async def read_index(self) -> None:
         """Nothing to wait for: everything committed is applied."""

@@ -229,8 +229,8 @@ class Api:
                 self.metrics.observe("GET", cached.status, 0.0)
                 return cached
         response = self._route(request)
-        if not self.config.cors:
-            return response
+        if not self.config.cors or isinstance(response, asyncio.Future):
+            return response  # a write's future carries its CORS headers already
         if isinstance(response, Response):
             response.headers[:0] = CORS_HEADERS
             return response
@@ -333,35 +333,47 @@ class Api:
             if method == "GET":
                 self._remember(request, response)
             return self._observed(method, started, response)
-        return self._later(request, method, started, params)
-
-    async def _later(
-        self, request: Request, method: str, started: float, params: KeysRequest
-    ) -> Response:
-        """Requests that wait for the cluster: writes and quorum reads."""
+        if method == "GET":
+            return self._quorum_read(started, params)
         try:
-            if method == "GET":
-                await self._read_index()
-                response = self._local_read(params)
-            else:
-                response = await self._write(params)
+            return self._write(started, params)
         except EtcdError as error:
-            response = self._error(error)
-        return self._observed(method, started, response)
+            return self._observed(method, started, self._error(error))
+
+    def _quorum_read(self, started: float, params: KeysRequest) -> Response | Awaitable[Response]:
+        """A linearizable read: answered once the member has applied a read point confirmed
+        by a quorum (a future completed by a callback, like writes)."""
+        try:
+            confirmed = self.backend.read_submit()
+        except Exception as exc:
+            log.debug("event=read_index_failed error=%r", exc)
+            return self._observed("GET", started, self._error(backend_error(exc)))
+        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        def answered(confirmed: asyncio.Future[object]) -> None:
+            if answer.done():
+                return
+            if confirmed.cancelled():
+                answer.cancel()
+                return
+            exc = confirmed.exception()
+            try:
+                if exc is not None:
+                    log.debug("event=read_index_failed error=%r", exc)
+                    raise exc if isinstance(exc, EtcdError) else backend_error(exc)
+                response = self._local_read(params)
+            except EtcdError as error:
+                response = self._error(error)
+            if self.config.cors:
+                response.headers[:0] = CORS_HEADERS
+            answer.set_result(self._observed("GET", started, response))
+
+        confirmed.add_done_callback(answered)
+        return answer
 
     def _observed(self, method: str, started: float, response: Response) -> Response:
         self.metrics.observe(method, response.status, time.perf_counter() - started)
         return response
-
-    async def _read_index(self) -> None:
-        try:
-            async with asyncio.timeout(self.config.request_timeout):
-                await self.backend.read_index()
-        except EtcdError:
-            raise
-        except Exception as exc:
-            log.debug("event=read_index_failed error=%r", exc)
-            raise backend_error(exc) from None
 
     def _local_read(self, params: KeysRequest) -> Response:
         event = self.store.get(
@@ -382,7 +394,9 @@ class Api:
         kept = Response(response.status, headers, response.body)
         self._reads.put(request.path, request.query, self._read_version(), kept)
 
-    async def _write(self, params: KeysRequest) -> Response:
+    def _write(self, started: float, params: KeysRequest) -> asyncio.Future[Response]:
+        """Propose the write; the answer is a future completed from the proposal's own
+        (a callback, not a task: writes are the hot path)."""
         try:
             command = request_command(
                 params.method,
@@ -401,15 +415,37 @@ class Api:
             # Only a TTL too large to represent gets here.
             raise EtcdError(TTL_NAN, 'invalid value for "ttl"') from None
         try:
-            result = await self.backend.propose(command, self.config.request_timeout)
+            proposal = self.backend.submit(command, self.config.request_timeout)
         except Exception as exc:
             log.debug("event=propose_failed error=%r", exc)
             raise backend_error(exc) from None
-        if isinstance(result, EtcdError):
-            raise result
-        if not isinstance(result, Event):
-            raise EtcdError(RAFT_INTERNAL, "received response with no Event/Watcher!", 0)
-        return self._event(result, params.no_value)
+        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        def answered(proposal: asyncio.Future[object]) -> None:
+            if answer.done():  # the client went away
+                return
+            if proposal.cancelled():
+                answer.cancel()
+                return
+            exc = proposal.exception()
+            if exc is not None:
+                log.debug("event=propose_failed error=%r", exc)
+                response = self._error(backend_error(exc))
+            else:
+                result = proposal.result()
+                if isinstance(result, EtcdError):
+                    response = self._error(result)
+                elif isinstance(result, Event):
+                    response = self._event(result, params.no_value)
+                else:
+                    response = self._error(EtcdError(
+                        RAFT_INTERNAL, "received response with no Event/Watcher!", 0))
+            if self.config.cors:
+                response.headers[:0] = CORS_HEADERS
+            answer.set_result(self._observed(params.method, started, response))
+
+        proposal.add_done_callback(answered)
+        return answer
 
     def _watch(self, request: Request, params: KeysRequest) -> Response:
         conn = request.conn

@@ -57,6 +57,26 @@ def _backend_error(e: NodeError) -> BackendError:
     return BackendError(str(e))
 
 
+def _translated(inner: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """A future settled like ``inner``, with the node's errors as the API's."""
+    outer = asyncio.get_running_loop().create_future()
+
+    def settled(inner: asyncio.Future[Any]) -> None:
+        if outer.done():
+            return
+        if inner.cancelled():
+            outer.cancel()
+            return
+        exc = inner.exception()
+        if exc is None:
+            outer.set_result(inner.result())
+        else:
+            outer.set_exception(_backend_error(exc) if isinstance(exc, NodeError) else exc)
+
+    inner.add_done_callback(settled)
+    return outer
+
+
 class RaftBackend:
     """The API's view of a Raft member."""
 
@@ -68,6 +88,18 @@ class RaftBackend:
     async def propose(self, command: bytes, timeout: float | None = None) -> object:
         try:
             return await self.node.propose(command, timeout)
+        except NodeError as e:
+            raise _backend_error(e) from None
+
+    def submit(self, command: bytes, timeout: float | None = None) -> asyncio.Future[object]:
+        try:
+            return _translated(self.node.submit(command, timeout))
+        except NodeError as e:
+            raise _backend_error(e) from None
+
+    def read_submit(self) -> asyncio.Future[object]:
+        try:
+            return _translated(self.node.read_submit())
         except NodeError as e:
             raise _backend_error(e) from None
 

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
+from functools import partial
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -97,7 +98,7 @@ class Response:
     after this response.
     """
 
-    __slots__ = ("status", "headers", "body", "stream", "on_close", "close", "_encoded")
+    __slots__ = ("status", "headers", "body", "stream", "on_close", "close", "_encoded", "_wire")
 
     def __init__(
         self,
@@ -116,6 +117,8 @@ class Response:
         self.on_close = on_close
         self.close = close
         self._encoded: bytes | None = None
+        # The whole answer as last sent, with what it depends on: (Date, keep-alive, HTTP/1.1).
+        self._wire: tuple[bytes, bool, str, bytes] | None = None
 
     def encoded_headers(self) -> bytes:
         """``headers`` as header lines; kept, since an answer may be sent many times."""
@@ -170,7 +173,8 @@ class HttpConnection(asyncio.Protocol):
         self.watchers = 0  # watches this connection holds (for the per-connection limit)
         self._requests: deque[Request] = deque()
         self._responses: deque[tuple[Request, Response]] = deque()
-        self._handling: asyncio.Task[None] | None = None  # a handler that had to wait
+        # A handler that had to wait: its task, or the future it answered with.
+        self._handling: asyncio.Future[Any] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._stop_reading = False
@@ -377,6 +381,11 @@ class HttpConnection(asyncio.Protocol):
                     answer = self.server.handler(request)
                 except Exception:
                     answer = _handler_failed(request)
+                if isinstance(answer, asyncio.Future):
+                    # A future (a write) is waited on with a callback: no task to run.
+                    self._handling = answer
+                    answer.add_done_callback(partial(self._future_answered, request))
+                    return
                 if not isinstance(answer, Response):
                     self._handling = self._loop.create_task(self._await_handler(request, answer))
                     return
@@ -395,6 +404,18 @@ class HttpConnection(asyncio.Protocol):
         if self._closed:
             response.release()
             return
+        self._respond(request, response)
+        self._pump()
+
+    def _future_answered(self, request: Request, answer: asyncio.Future[Response]) -> None:
+        if answer.cancelled() or self._closed:
+            self._handling = None
+            return
+        try:
+            response = answer.result()
+        except Exception:
+            response = _handler_failed(request)
+        self._handling = None
         self._respond(request, response)
         self._pump()
 
@@ -463,10 +484,15 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return False
         keep = request.keep_alive and not response.close and not self._stop_reading
-        head = self._head(request, response, keep)
-        if request.method != "HEAD" and response.body:
-            head += response.body
-        transport.write(head)
+        if request.method == "HEAD":
+            transport.write(self._head(request, response, keep))
+            return keep
+        # An answer sent again (a kept read) within the same second is the same bytes.
+        wire, date = response._wire, http_date()
+        if wire is None or wire[0] is not date or wire[1] != keep or wire[2] != request.version:
+            data = self._head(request, response, keep) + response.body
+            wire = response._wire = (date, keep, request.version, data)
+        transport.write(wire[3])
         return keep
 
     async def _write(self, request: Request, response: Response) -> bool:

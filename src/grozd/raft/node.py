@@ -99,6 +99,7 @@ class ProposalTimeoutError(NodeError):
     pass
 
 
+
 class StoppedError(NodeError):
     pass
 
@@ -191,8 +192,11 @@ class RaftNode:
         # Proposals of this loop turn, handed to the core as one batch: one append message
         # per follower and one answer back, however many clients wrote at once.
         self.queued: list[tuple[int, bytes]] = []
-        self.reads: dict[bytes, asyncio.Future] = {}
-        self.applied_waiters: list[tuple[int, asyncio.Future]] = []
+        # Reads as (future, deadline): those of this turn (or waiting for a leader), and the
+        # ReadIndex rounds asked of the core: context -> (readers, when it counts as lost).
+        self.read_batch: list[tuple[asyncio.Future[int], float]] = []
+        self.reads: dict[bytes, tuple[list[tuple[asyncio.Future[int], float]], float]] = {}
+        self.applied_waiters: list[tuple[int, asyncio.Future[int], float]] = []
         self.leader_changed = asyncio.Event()
         self.stopped = asyncio.Event()
         self.storage_error: str | None = None
@@ -373,6 +377,26 @@ class RaftNode:
                     " been applied"))
         if self.queued:
             self.queued = [(seq, data) for seq, data in self.queued if seq in waiting]
+        # A read round unanswered for an election timeout was lost with a leader change:
+        # its readers are asked again.
+        for ctx in [c for c, (_, lost_at) in self.reads.items() if lost_at <= now]:
+            self.read_batch.extend(self.reads.pop(ctx)[0])
+        if self.read_batch and any(r[1] <= now for r in self.read_batch):
+            no_leader = self.core is None or self.core.lead == 0
+            for fut, _ in [r for r in self.read_batch if r[1] <= now]:
+                if not fut.done():
+                    fut.set_exception(NoLeaderError(
+                        "read: no leader (an election is under way or a majority of members"
+                        " is unreachable); retry later") if no_leader
+                        else ProposalTimeoutError("linearizable read timed out"))
+            self.read_batch = [r for r in self.read_batch if r[1] > now]
+        if self.applied_waiters and any(w[2] <= now for w in self.applied_waiters):
+            late = [w for w in self.applied_waiters if w[2] <= now]
+            self.applied_waiters = [w for w in self.applied_waiters if w[2] > now]
+            for index, fut, _ in late:
+                if not fut.done():
+                    fut.set_exception(ProposalTimeoutError(
+                        f"member did not apply up to {index} in time"))
 
     def flush_proposals(self) -> None:
         """Hand this turn's proposals to the core; without a leader they wait for one (or
@@ -422,9 +446,11 @@ class RaftNode:
     async def process(self) -> None:
         try:
             self.flush_proposals()
+            self.flush_reads()
             while self.core.has_ready() and not self.stopped.is_set():
                 await self.handle_ready(self.core.ready())
                 self.flush_proposals()
+                self.flush_reads()
         except Exception:
             log.exception("event=ready_failed member=%x", self.id)
             raise
@@ -446,9 +472,7 @@ class RaftNode:
         # this batch's new entries are written, not after.
         self.apply(rd)
         for rs in rd.read_states:
-            fut = self.reads.pop(rs.context, None)
-            if fut is not None and not fut.done():
-                fut.set_result(rs.index)
+            self.read_answered(rs.context, rs.index)
         if rd.hard_state is not None or rd.entries:
             await self.persist(rd)
         if rd.entries:
@@ -565,9 +589,9 @@ class RaftNode:
         if rd.committed_entries and self.applied_waiters:
             ready = [w for w in self.applied_waiters if w[0] <= self.applied]
             self.applied_waiters = [w for w in self.applied_waiters if w[0] > self.applied]
-            for _, fut in ready:
+            for index, fut, _ in ready:
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(index)
 
     def apply_conf_change(self, cc: ConfChange) -> None:
         try:
@@ -696,6 +720,16 @@ class RaftNode:
 
     async def propose(self, payload: bytes, timeout: float | None = None) -> object:
         """Replicate payload and return what the state machine's apply() gave for it."""
+        fut = self.submit(payload, timeout)
+        try:
+            return await fut
+        finally:
+            if not fut.done():
+                fut.cancel()  # our caller gave up; apply() will skip answering
+
+    def submit(self, payload: bytes, timeout: float | None = None) -> asyncio.Future[object]:
+        """`propose` without a coroutine: a future resolved by apply(), or failed at the
+        deadline (NoLeaderError, ProposalTimeoutError) or by stop()."""
         if self.stopped.is_set():
             raise StoppedError("member stopped")
         if self.storage_error is not None:
@@ -711,48 +745,49 @@ class RaftNode:
         self.queued.append((seq, _ENVELOPE.pack(self.id, seq) + payload))
         self.stats["proposals"] += 1
         self.schedule()
-        try:
-            # Resolved by apply(), or failed by expire_proposals() at the deadline.
-            return await fut
-        finally:
-            self.waiting.pop(seq, None)
+        return fut
 
     async def read_index(self, timeout: float | None = None) -> int:
         """A linearizable read point: returns once this member has applied up to it."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout or self.config.request_timeout)
-        while True:
-            self.seq += 1
-            ctx = _ENVELOPE.pack(self.id, self.seq)
-            fut = loop.create_future()
-            self.reads[ctx] = fut
-            try:
-                self.core.read_index(ctx)
-                self.schedule()
-                # A read lost with a leader change is simply asked again.
-                index = await asyncio.wait_for(
-                    fut, max(0.0, min(deadline - loop.time(),
-                                      self.config.election_timeout_ms / 1000)))
-                break
-            except ProposalDroppedError:
-                await self._until(deadline, "read")
-            except TimeoutError:
-                if loop.time() >= deadline:
-                    raise ProposalTimeoutError("linearizable read timed out") from None
-            finally:
-                self.reads.pop(ctx, None)
-        await self.wait_applied(index, deadline)
-        return index
+        return await self.read_submit(timeout)
 
-    async def wait_applied(self, index: int, deadline: float) -> None:
-        if self.applied >= index:
+    def read_submit(self, timeout: float | None = None) -> asyncio.Future[int]:
+        """`read_index` without a coroutine. Reads asked for in the same loop turn share one
+        ReadIndex round (one heartbeat to the followers), as etcd batches them."""
+        if self.stopped.is_set():
+            raise StoppedError("member stopped")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.read_batch.append((fut, loop.time() + (timeout or self.config.request_timeout)))
+        self.schedule()
+        return fut
+
+    def flush_reads(self) -> None:
+        batch = [r for r in self.read_batch if not r[0].done()]
+        self.read_batch = []
+        if not batch:
             return
-        fut = asyncio.get_running_loop().create_future()
-        self.applied_waiters.append((index, fut))
+        self.seq += 1
+        ctx = _ENVELOPE.pack(self.id, self.seq)
         try:
-            await asyncio.wait_for(fut, max(0.0, deadline - asyncio.get_running_loop().time()))
-        except TimeoutError:
-            raise ProposalTimeoutError(f"member did not apply up to {index} in time") from None
+            self.core.read_index(ctx)
+        except ProposalDroppedError:
+            self.read_batch = batch  # no leader: asked again on the next tick
+            return
+        lost_at = asyncio.get_running_loop().time() + self.config.election_timeout_ms / 1000
+        self.reads[ctx] = (batch, lost_at)
+
+    def read_answered(self, ctx: bytes, index: int) -> None:
+        asked = self.reads.pop(ctx, None)
+        if asked is None:
+            return
+        for fut, deadline in asked[0]:
+            if fut.done():
+                continue
+            if self.applied >= index:
+                fut.set_result(index)
+            else:
+                self.applied_waiters.append((index, fut, deadline))
 
     async def change_membership(self, cc_type: int, node_id: int, member: Member | None = None,
                                 timeout: float | None = None) -> int:
@@ -818,10 +853,12 @@ class RaftNode:
         self.stopped.set()
         if self.ticker is not None:
             self.ticker.cancel()
-        for fut in list(self.waiting.values()) + list(self.reads.values()):
+        reads = [fut for batch, _ in self.reads.values() for fut, _ in batch]
+        reads += [fut for fut, _ in self.read_batch]
+        for fut in list(self.waiting.values()) + reads:
             if not fut.done():
                 fut.set_exception(StoppedError("member stopped"))
-        for _, fut in self.applied_waiters:
+        for _, fut, _ in self.applied_waiters:
             if not fut.done():
                 fut.set_exception(StoppedError("member stopped"))
         if self.transport is not None:
