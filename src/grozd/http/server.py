@@ -572,6 +572,12 @@ class HttpConnection(asyncio.Protocol):
         """Called by the server's sweep: act on a deadline that has passed."""
         if self._timer_kind and now >= self._deadline:
             kind = self._timer_kind
+            if self._reading_paused and kind in ("header", "body"):
+                # We stopped reading (answers backed up), not the client: the rest of the
+                # request cannot arrive, so its clock starts again when we read again.
+                self._deadline = now + (self.config.header_timeout if kind == "header"
+                                        else self.config.body_timeout)
+                return
             self._cancel_timer()
             self._timed_out(kind)
 
