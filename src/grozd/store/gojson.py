@@ -90,6 +90,10 @@ def _go_escape(match: re.Match[str]) -> str:
     return match.group()
 
 
+# One encoder for every call: json.dumps with options builds a new one each time.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def go_dumps(obj: object) -> str:
     """Compact JSON of plain data (dicts, lists, str, int, bool) as Go would write it.
 
@@ -97,7 +101,11 @@ def go_dumps(obj: object) -> str:
     ``<``, ``>``, ``&`` and U+2028/9 only ever occur inside strings, so replacing them is
     safe; backslash escapes are re-read left to right so ``\\\\b`` stays as it is.
     """
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    text = _ENCODER.encode(obj)
+    if text.isascii() and not (
+        "<" in text or ">" in text or "&" in text or "\\b" in text or "\\f" in text
+    ):
+        return text  # the common case, found with a few fast scans
     for char, escaped in _GO_ONLY.items():
         if char in text:
             text = text.replace(char, escaped)
