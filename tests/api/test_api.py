@@ -121,6 +121,19 @@ def test_quorum_reads_wait_for_the_read_index(flaky):
     assert call(f"{flaky.url}/v2/keys/a?quorum=true")[0] == 200 and flaky.backend.reads == 1
 
 
+def test_kept_answers_never_let_a_quorum_read_skip_its_read_index(flaky):
+    call(f"{flaky.url}/v2/keys/a", "PUT", b"value=1")
+    first = call(f"{flaky.url}/v2/keys/a?quorum=true")
+    for _ in range(3):  # repeated plain and quorum reads of an unchanged key
+        assert call(f"{flaky.url}/v2/keys/a")[2] == first[2]
+        assert call(f"{flaky.url}/v2/keys/a?quorum=true")[2] == first[2]
+    assert flaky.backend.reads == 4
+    flaky.backend.fail = NoLeader()  # a member that cannot confirm a read point refuses
+    status, _, body = call(f"{flaky.url}/v2/keys/a?quorum=true")
+    assert status == 500 and json.loads(body)["errorCode"] == 301
+    assert call(f"{flaky.url}/v2/keys/a")[0] == 200  # plain reads stay local
+
+
 def test_leaderless_member(flaky):
     flaky.backend.leader = 0
     flaky.backend.leader_stats = None

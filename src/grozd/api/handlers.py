@@ -210,7 +210,8 @@ class Api:
         self.config = config
         self.metrics = HttpMetrics()
         self.server: HttpServer | None = None
-        self._reads = ReadCache()
+        self._reads = ReadCache()  # plain (local) reads
+        self._quorum_reads = ReadCache()  # quorum reads, used only after their read point
         self._exact = {
             "/v2/stats/store": self.stats_store,
             "/v2/stats/self": self.stats_self,
@@ -334,13 +335,15 @@ class Api:
                 self._remember(request, response)
             return self._observed(method, started, response)
         if method == "GET":
-            return self._quorum_read(started, params)
+            return self._quorum_read(request, started, params)
         try:
             return self._write(started, params)
         except EtcdError as error:
             return self._observed(method, started, self._error(error))
 
-    def _quorum_read(self, started: float, params: KeysRequest) -> Response | Awaitable[Response]:
+    def _quorum_read(
+        self, request: Request, started: float, params: KeysRequest
+    ) -> Response | Awaitable[Response]:
         """A linearizable read: answered once the member has applied a read point confirmed
         by a quorum (a future completed by a callback, like writes)."""
         try:
@@ -361,7 +364,16 @@ class Api:
                 if exc is not None:
                     log.debug("event=read_index_failed error=%r", exc)
                     raise exc if isinstance(exc, EtcdError) else backend_error(exc)
+                # Kept apart from plain reads: those are answered before any routing, and a
+                # quorum read must never skip its read point.
+                cache = self._quorum_reads
+                kept = cache.get(request.path, request.query, self._read_version())
+                if kept is not None:  # unchanged since the same read was last answered
+                    self.store.counters["getsSuccess"] += 1
+                    answer.set_result(self._observed("GET", started, kept))
+                    return
                 response = self._local_read(params)
+                self._remember(request, response, cache)
             except EtcdError as error:
                 response = self._error(error)
             if self.config.cors:
@@ -385,14 +397,16 @@ class Api:
         """What a read's answer depends on besides time: the store and the Raft position."""
         return (self.store.index, self.backend.raft_index, self.backend.raft_term)
 
-    def _remember(self, request: Request, response: Response) -> None:
-        """Keep a plain read's answer for repeats until the store changes. Answers with a
-        TTL count down with time and are never kept."""
+    def _remember(self, request: Request, response: Response, cache: ReadCache | None = None
+                  ) -> None:
+        """Keep a read's answer for repeats until the store changes. Answers with a TTL
+        count down with time and are never kept."""
         if b'"ttl":' in response.body:
             return
         headers = CORS_HEADERS + response.headers if self.config.cors else response.headers
         kept = Response(response.status, headers, response.body)
-        self._reads.put(request.path, request.query, self._read_version(), kept)
+        cache = self._reads if cache is None else cache
+        cache.put(request.path, request.query, self._read_version(), kept)
 
     def _write(self, started: float, params: KeysRequest) -> asyncio.Future[Response]:
         """Propose the write; the answer is a future completed from the proposal's own
