@@ -677,6 +677,7 @@ class RaftNode:
             code = 1
             try:
                 os.closerange(3, _MAX_FD)  # sockets stay the parent's alone
+                os.nice(19)  # background work: never take a core from a member's loop
                 self.snapshots.save(Snapshot(index, term, conf, self.snapshot_state()))
                 code = 0
             finally:
