@@ -662,7 +662,7 @@ def test_write_then_finish_is_a_save_with_the_sync_done_elsewhere(wal_dir: Path)
     wal = WAL.create(wal_dir, META)
     pending = wal.write(HardState(1, 1, 0), ents(1, 1, 3))
     assert pending is not None and pending.size > 0
-    os.fdatasync(wal.fd)
+    os.fdatasync(pending.fd)
     wal.finish(pending, 0)
     assert wal.last_index == 3 and wal.fsyncs >= 1
     assert wal.write(None, []) is None

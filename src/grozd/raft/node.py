@@ -534,7 +534,7 @@ class RaftNode:
             return
         self.wal_pending = True
         try:
-            outcome = await asyncio.shield(self.syncer.fdatasync(self.wal.fd))
+            outcome = await asyncio.shield(self.syncer.fdatasync(pending.fd))
         except BaseException:
             self.wal.finish(pending, 0, synced=False)  # written; durable or not, as in a crash
             raise

@@ -397,6 +397,7 @@ class _Replay:
 class PendingSave(NamedTuple):
     """A batch written by `WAL.write`, waiting for its fdatasync."""
 
+    fd: int  # the segment written to, for the caller to fdatasync
     start: int
     size: int
     hard_state: HardState | None
@@ -630,7 +631,7 @@ class WAL:
         error = 0
         if sync:
             try:
-                os.fdatasync(self._fd)
+                os.fdatasync(pending.fd)
             except OSError as e:
                 error = e.errno or errno.EIO
         self.finish(pending, error, synced=sync)
@@ -667,7 +668,7 @@ class WAL:
             except OSError as e:
                 self._undo(start, e, "save")
             self._size = start + len(data)
-            return PendingSave(start, len(data), hard_state, list(entries))
+            return PendingSave(self._fd, start, len(data), hard_state, list(entries))
         except BaseException:
             self._lock.release()
             raise
@@ -695,11 +696,6 @@ class WAL:
             self._maybe_cut()
         finally:
             self._lock.release()
-
-    @property
-    def fd(self) -> int:
-        """The open segment, for `write`'s caller to fdatasync."""
-        return self._fd
 
     def save_snapshot(self, index: int, term: int) -> None:
         """Record (synced) that a snapshot at index/term is saved elsewhere.
