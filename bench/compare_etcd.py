@@ -2,7 +2,8 @@
 
 Writes (PUT, 100-byte values) and reads (default and quorum=true) at 1, 16, 64 and 256
 concurrent clients (wrk, keep-alive), throughput and p50/p99 latency; then members' CPU
-seconds and resident memory after 100k keys. Prints a table with the grozd/etcd ratio per row.
+seconds and resident memory after 100k keys. Prints a table with the grozd/etcd ratio per row;
+the two measurements of a row are taken back to back (both clusters stay up).
 
 Run: .venv/bin/python bench/compare_etcd.py [--seconds 5] [--clients 1,16,64,256]
 """
@@ -134,29 +135,26 @@ def wrk(url: str, clients: int, seconds: float, script: Path | None) -> dict:
             "errors": int(errors.group(1)) if errors else 0}
 
 
-def run(kind: str, root: Path, client_counts: list[int], seconds: float,
-        script: Path) -> tuple[dict, tuple[float, float]]:
-    cluster = Cluster(kind, root)
-    cluster.start()
-    try:
-        leader = cluster.leader_url()
-        # Writes go to the leader, reads are spread: wrk talks to one URL, so use the leader
-        # for writes and quorum reads (as a client library would) and a follower for reads.
-        follower = next(u for u in cluster.client_urls if u != leader)
+LOADS = ("write", "read", "quorum read")
+
+
+class Target:
+    """Where each load goes in one cluster: writes and quorum reads to the leader (as a
+    client library would), default reads to a follower."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.leader = cluster.leader_url()
+        self.follower = next(u for u in cluster.client_urls if u != self.leader)
         urllib.request.urlopen(urllib.request.Request(
-            f"{leader}/v2/keys/bench/read", data=b"value=" + b"x" * 100, method="PUT"))
-        results = {}
-        for c in client_counts:
-            results[("write", c)] = wrk(leader, c, seconds, script)
-            results[("read", c)] = wrk(f"{follower}/v2/keys/bench/read", c, seconds, None)
-            results[("quorum read", c)] = wrk(f"{leader}/v2/keys/bench/read?quorum=true", c,
-                                              seconds, None)
-        # Fill to 100k keys (the write runs wrapped around keys k0..k99999).
-        wrk(leader, 64, max(seconds, 100_000 / max(results[("write", 64)]["rps"], 1) + 2),
-            script)
-        return results, cluster.usage()
-    finally:
-        cluster.stop()
+            f"{self.leader}/v2/keys/bench/read", data=b"value=" + b"x" * 100, method="PUT"))
+
+    def load(self, load: str, clients: int, seconds: float, script: Path) -> dict:
+        if load == "write":
+            return wrk(self.leader, clients, seconds, script)
+        if load == "read":
+            return wrk(f"{self.follower}/v2/keys/bench/read", clients, seconds, None)
+        return wrk(f"{self.leader}/v2/keys/bench/read?quorum=true", clients, seconds, None)
 
 
 def main() -> None:
@@ -167,12 +165,34 @@ def main() -> None:
     if not shutil.which("wrk") or not shutil.which("etcd"):
         sys.exit("needs wrk and etcd (apt-get install wrk etcd-server)")
     counts = [int(c) for c in args.clients.split(",")]
+    kinds = ("grozd", "etcd")
+    results: dict[str, dict[tuple[str, int], dict]] = {k: {} for k in kinds}
+    usage: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         script = root / "put.lua"
         script.write_text(PUT_SCRIPT)
-        grozd, grozd_use = run("grozd", root, counts, args.seconds, script)
-        etcd, etcd_use = run("etcd", root, counts, args.seconds, script)
+        clusters = {k: Cluster(k, root) for k in kinds}
+        try:
+            for cluster in clusters.values():
+                cluster.start()
+            targets = {k: Target(c) for k, c in clusters.items()}
+            # Both clusters stay up (an idle one costs next to nothing) and each measurement
+            # is taken back to back with its twin, first one then the other, so the ratio of
+            # a row is not skewed by the machine drifting between two halves of the run.
+            for n, key in enumerate((load, c) for c in counts for load in LOADS):
+                for kind in kinds if n % 2 == 0 else kinds[::-1]:
+                    results[kind][key] = targets[kind].load(*key, args.seconds, script)
+            for kind in kinds:
+                # Fill to 100k keys (the write runs wrapped around keys k0..k99999).
+                rate = max(results[kind].get(("write", 64), {"rps": 5000})["rps"], 1)
+                wrk(targets[kind].leader, 64, max(args.seconds, 100_000 / rate + 2), script)
+                usage[kind] = clusters[kind].usage()
+        finally:
+            for cluster in clusters.values():
+                cluster.stop()
+    grozd, etcd = results["grozd"], results["etcd"]
+    grozd_use, etcd_use = usage["grozd"], usage["etcd"]
     print(f"\n{'load':<12}{'clients':>8} | {'grozd req/s':>12}{'p50 ms':>8}{'p99 ms':>8} |"
           f" {'etcd req/s':>11}{'p50 ms':>8}{'p99 ms':>8} | {'ratio':>6}")
     for key in grozd:

@@ -15,12 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from grozd.store import Store
 from grozd.store.errors import LEADER_ELECT, RAFT_INTERNAL
+
+# Called with (result, None) or (None, error) when a proposal or read is settled.
+Done = Callable[[object, BaseException | None], None]
+
+
+def _call_back(task: asyncio.Future[Any], done: Done) -> None:
+    def settled(task: asyncio.Future[Any]) -> None:
+        if task.cancelled():
+            done(None, asyncio.CancelledError())
+        elif task.exception() is not None:
+            done(None, task.exception())
+        else:
+            done(task.result(), None)
+
+    task.add_done_callback(settled)
 
 
 class BackendError(Exception):
@@ -89,8 +104,9 @@ class Backend(Protocol):
         """
         ...
 
-    def submit(self, command: bytes, timeout: float | None = None) -> asyncio.Future[object]:
-        """`propose` without a coroutine: a future for the same result or failure."""
+    def submit(self, command: bytes, timeout: float | None, done: Done) -> None:
+        """`propose` without a coroutine: ``done(result, error)`` is called with the same
+        result or failure, as soon as there is one (possibly before this returns)."""
         ...
 
     async def read_index(self) -> None:
@@ -98,8 +114,8 @@ class Backend(Protocol):
         give up (raising) after the backend's own request timeout."""
         ...
 
-    def read_submit(self) -> asyncio.Future[object]:
-        """`read_index` without a coroutine: a future settled the same way."""
+    def read_submit(self, done: Done) -> None:
+        """`read_index` without a coroutine, answered through ``done`` like `submit`."""
         ...
 
     @property
@@ -216,11 +232,11 @@ class LocalBackend:
         self.proposals += 1
         return self.store.apply(self._index, command)
 
-    def submit(self, command: bytes, timeout: float | None = None) -> asyncio.Future[object]:
-        return asyncio.ensure_future(self.propose(command, timeout))
+    def submit(self, command: bytes, timeout: float | None, done: Done) -> None:
+        _call_back(asyncio.ensure_future(self.propose(command, timeout)), done)
 
-    def read_submit(self) -> asyncio.Future[object]:
-        return asyncio.ensure_future(self.read_index())
+    def read_submit(self, done: Done) -> None:
+        _call_back(asyncio.ensure_future(self.read_index()), done)
 
     async def read_index(self) -> None:
         """Nothing to wait for: everything committed is applied."""

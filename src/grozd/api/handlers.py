@@ -7,7 +7,6 @@ follow etcd, including Go's ServeMux redirecting unclean paths with 301.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -29,7 +28,7 @@ from grozd.api.forms import (
 )
 from grozd.api.metrics import CONTENT_TYPE, HttpMetrics, gauge, labelled
 from grozd.http.config import ApiConfig
-from grozd.http.server import HttpServer, Request, Response, plain
+from grozd.http.server import HttpServer, Pending, Request, Response, plain
 from grozd.store import Event, Store
 from grozd.store.commands import CommandError, request_command
 from grozd.store.errors import (
@@ -222,7 +221,7 @@ class Api:
             "/metrics": self.metrics_page,
         }
 
-    def __call__(self, request: Request) -> Response | Awaitable[Response]:
+    def __call__(self, request: Request) -> Response | Pending | Awaitable[Response]:
         if request.method == "GET":
             cached = self._reads.get(request.path, request.query, self._read_version())
             if cached is not None:
@@ -230,8 +229,8 @@ class Api:
                 self.metrics.observe("GET", cached.status, 0.0)
                 return cached
         response = self._route(request)
-        if not self.config.cors or isinstance(response, asyncio.Future):
-            return response  # a write's future carries its CORS headers already
+        if not self.config.cors or isinstance(response, Pending):
+            return response  # answered later, with its CORS headers
         if isinstance(response, Response):
             response.headers[:0] = CORS_HEADERS
             return response
@@ -242,7 +241,7 @@ class Api:
         response.headers[:0] = CORS_HEADERS
         return response
 
-    def _route(self, request: Request) -> Response | Awaitable[Response]:
+    def _route(self, request: Request) -> Response | Pending | Awaitable[Response]:
         if request.method == "OPTIONS" and self.config.cors:
             # etcd's CORS layer answers every preflight itself.
             return Response(200)
@@ -314,7 +313,7 @@ class Api:
             raise EtcdError(INVALID_FORM, error)
         return form
 
-    def keys(self, request: Request, key: str) -> Response | Awaitable[Response]:
+    def keys(self, request: Request, key: str) -> Response | Pending:
         method = request.method
         if method not in KEYS_METHODS:
             return method_not_allowed(",".join(KEYS_METHODS))
@@ -343,23 +342,12 @@ class Api:
 
     def _quorum_read(
         self, request: Request, started: float, params: KeysRequest
-    ) -> Response | Awaitable[Response]:
+    ) -> Response | Pending:
         """A linearizable read: answered once the member has applied a read point confirmed
-        by a quorum (a future completed by a callback, like writes)."""
-        try:
-            confirmed = self.backend.read_submit()
-        except Exception as exc:
-            log.debug("event=read_index_failed error=%r", exc)
-            return self._observed("GET", started, self._error(backend_error(exc)))
-        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        by a quorum (from the member's callback, like writes)."""
+        pending = Pending()
 
-        def answered(confirmed: asyncio.Future[object]) -> None:
-            if answer.done():
-                return
-            if confirmed.cancelled():
-                answer.cancel()
-                return
-            exc = confirmed.exception()
+        def answered(_: object, exc: BaseException | None) -> None:
             try:
                 if exc is not None:
                     log.debug("event=read_index_failed error=%r", exc)
@@ -370,7 +358,7 @@ class Api:
                 kept = cache.get(request.path, request.query, self._read_version())
                 if kept is not None:  # unchanged since the same read was last answered
                     self.store.counters["getsSuccess"] += 1
-                    answer.set_result(self._observed("GET", started, kept))
+                    pending.answer(self._observed("GET", started, kept))
                     return
                 response = self._local_read(params)
                 self._remember(request, response, cache)
@@ -378,10 +366,14 @@ class Api:
                 response = self._error(error)
             if self.config.cors:
                 response.headers[:0] = CORS_HEADERS
-            answer.set_result(self._observed("GET", started, response))
+            pending.answer(self._observed("GET", started, response))
 
-        confirmed.add_done_callback(answered)
-        return answer
+        try:
+            self.backend.read_submit(answered)
+        except Exception as exc:
+            log.debug("event=read_index_failed error=%r", exc)
+            return self._observed("GET", started, self._error(backend_error(exc)))
+        return pending
 
     def _observed(self, method: str, started: float, response: Response) -> Response:
         self.metrics.observe(method, response.status, time.perf_counter() - started)
@@ -408,9 +400,9 @@ class Api:
         cache = self._reads if cache is None else cache
         cache.put(request.path, request.query, self._read_version(), kept)
 
-    def _write(self, started: float, params: KeysRequest) -> asyncio.Future[Response]:
-        """Propose the write; the answer is a future completed from the proposal's own
-        (a callback, not a task: writes are the hot path)."""
+    def _write(self, started: float, params: KeysRequest) -> Pending:
+        """Propose the write; it is answered from the callback the member calls when it has
+        applied it (no task, no loop turn: writes are the hot path)."""
         try:
             command = request_command(
                 params.method,
@@ -428,38 +420,29 @@ class Api:
         except CommandError:
             # Only a TTL too large to represent gets here.
             raise EtcdError(TTL_NAN, 'invalid value for "ttl"') from None
-        try:
-            proposal = self.backend.submit(command, self.config.request_timeout)
-        except Exception as exc:
-            log.debug("event=propose_failed error=%r", exc)
-            raise backend_error(exc) from None
-        answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        pending = Pending()
 
-        def answered(proposal: asyncio.Future[object]) -> None:
-            if answer.done():  # the client went away
-                return
-            if proposal.cancelled():
-                answer.cancel()
-                return
-            exc = proposal.exception()
+        def answered(result: object, exc: BaseException | None) -> None:
             if exc is not None:
                 log.debug("event=propose_failed error=%r", exc)
                 response = self._error(backend_error(exc))
+            elif isinstance(result, EtcdError):
+                response = self._error(result)
+            elif isinstance(result, Event):
+                response = self._event(result, params.no_value)
             else:
-                result = proposal.result()
-                if isinstance(result, EtcdError):
-                    response = self._error(result)
-                elif isinstance(result, Event):
-                    response = self._event(result, params.no_value)
-                else:
-                    response = self._error(EtcdError(
-                        RAFT_INTERNAL, "received response with no Event/Watcher!", 0))
+                response = self._error(EtcdError(
+                    RAFT_INTERNAL, "received response with no Event/Watcher!", 0))
             if self.config.cors:
                 response.headers[:0] = CORS_HEADERS
-            answer.set_result(self._observed(params.method, started, response))
+            pending.answer(self._observed(params.method, started, response))
 
-        proposal.add_done_callback(answered)
-        return answer
+        try:
+            self.backend.submit(command, self.config.request_timeout, answered)
+        except Exception as exc:
+            log.debug("event=propose_failed error=%r", exc)
+            raise backend_error(exc) from None
+        return pending
 
     def _watch(self, request: Request, params: KeysRequest) -> Response:
         conn = request.conn

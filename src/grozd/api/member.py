@@ -15,6 +15,7 @@ from typing import Any
 from grozd.api.app import ApiServer, make_app
 from grozd.api.backend import (
     BackendError,
+    Done,
     MemberError,
     MemberExists,
     MemberNotFound,
@@ -57,24 +58,13 @@ def _backend_error(e: NodeError) -> BackendError:
     return BackendError(str(e))
 
 
-def _translated(inner: asyncio.Future[Any]) -> asyncio.Future[Any]:
-    """A future settled like ``inner``, with the node's errors as the API's."""
-    outer = asyncio.get_running_loop().create_future()
+def _translated(done: Done) -> Done:
+    """``done``, called with the node's errors as the API's."""
 
-    def settled(inner: asyncio.Future[Any]) -> None:
-        if outer.done():
-            return
-        if inner.cancelled():
-            outer.cancel()
-            return
-        exc = inner.exception()
-        if exc is None:
-            outer.set_result(inner.result())
-        else:
-            outer.set_exception(_backend_error(exc) if isinstance(exc, NodeError) else exc)
+    def settled(result: object, error: BaseException | None) -> None:
+        done(result, _backend_error(error) if isinstance(error, NodeError) else error)
 
-    inner.add_done_callback(settled)
-    return outer
+    return settled
 
 
 class RaftBackend:
@@ -91,15 +81,15 @@ class RaftBackend:
         except NodeError as e:
             raise _backend_error(e) from None
 
-    def submit(self, command: bytes, timeout: float | None = None) -> asyncio.Future[object]:
+    def submit(self, command: bytes, timeout: float | None, done: Done) -> None:
         try:
-            return _translated(self.node.submit(command, timeout))
+            self.node.submit(command, timeout, _translated(done))
         except NodeError as e:
             raise _backend_error(e) from None
 
-    def read_submit(self) -> asyncio.Future[object]:
+    def read_submit(self, done: Done) -> None:
         try:
-            return _translated(self.node.read_submit())
+            self.node.read_submit(None, _translated(done))
         except NodeError as e:
             raise _backend_error(e) from None
 

@@ -34,9 +34,10 @@ from grozd.http.config import ApiConfig
 
 log = logging.getLogger("grozd.http.server")
 
-# A handler answers at once (a Response) or later (an awaitable): answering at once spares a
-# task per request, which is most of the cost of a small read.
-Handler = Callable[["Request"], "Response | Awaitable[Response]"]
+# A handler answers at once (a Response), later by calling back (a Pending), or later by a
+# coroutine (an awaitable, run as a task). The first two spare a task and a loop turn per
+# request: most of the cost of a small read, and most of the wait of a write.
+Handler = Callable[["Request"], "Response | Pending | Awaitable[Response]"]
 
 # Seconds a refused connection stays open (half-closed) so the client can read the answer.
 LINGER = 1.0
@@ -146,6 +147,46 @@ def plain(status: int, text: str, close: bool = False) -> Response:
     )
 
 
+class Pending:
+    """An answer to come: a handler returns one, and whoever has the answer calls `answer`,
+    which writes the response from that very call (or keeps it if the connection has not
+    taken it yet). Answers to a client that has gone are dropped."""
+
+    __slots__ = ("_deliver", "_response", "cancelled")
+
+    def __init__(self) -> None:
+        self._deliver: Callable[[Response], None] | None = None
+        self._response: Response | None = None
+        self.cancelled = False
+
+    def answer(self, response: Response) -> None:
+        if self.cancelled:
+            response.release()
+            return
+        deliver, self._deliver = self._deliver, None
+        if deliver is None:
+            self._response = response
+            return
+        try:
+            deliver(response)
+        except Exception:  # the answering side (a state machine) must not see our failures
+            log.exception("event=response_failed")
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._deliver = None
+
+    def done(self) -> bool:
+        return self.cancelled or (self._deliver is None and self._response is None)
+
+    def _bind(self, deliver: Callable[[Response], None]) -> Response | None:
+        """Deliver to ``deliver``; returns the answer instead if it came already."""
+        response, self._response = self._response, None
+        if response is None:
+            self._deliver = deliver
+        return response
+
+
 class _Reject(Exception):
     """Raised from a parser callback to refuse the current request."""
 
@@ -173,8 +214,8 @@ class HttpConnection(asyncio.Protocol):
         self.watchers = 0  # watches this connection holds (for the per-connection limit)
         self._requests: deque[Request] = deque()
         self._responses: deque[tuple[Request, Response]] = deque()
-        # A handler that had to wait: its task, or the future it answered with.
-        self._handling: asyncio.Future[Any] | None = None
+        # A handler that had to wait: its task, or the Pending it answered with.
+        self._handling: asyncio.Task[None] | Pending | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._stop_reading = False
@@ -381,11 +422,12 @@ class HttpConnection(asyncio.Protocol):
                     answer = self.server.handler(request)
                 except Exception:
                     answer = _handler_failed(request)
-                if isinstance(answer, asyncio.Future):
-                    # A future (a write) is waited on with a callback: no task to run.
-                    self._handling = answer
-                    answer.add_done_callback(partial(self._future_answered, request))
-                    return
+                if isinstance(answer, Pending):
+                    early = answer._bind(partial(self._pending_answered, request))
+                    if early is None:
+                        self._handling = answer
+                        return
+                    answer = early
                 if not isinstance(answer, Response):
                     self._handling = self._loop.create_task(self._await_handler(request, answer))
                     return
@@ -407,15 +449,11 @@ class HttpConnection(asyncio.Protocol):
         self._respond(request, response)
         self._pump()
 
-    def _future_answered(self, request: Request, answer: asyncio.Future[Response]) -> None:
-        if answer.cancelled() or self._closed:
-            self._handling = None
-            return
-        try:
-            response = answer.result()
-        except Exception:
-            response = _handler_failed(request)
+    def _pending_answered(self, request: Request, response: Response) -> None:
         self._handling = None
+        if self._closed:
+            response.release()
+            return
         self._respond(request, response)
         self._pump()
 

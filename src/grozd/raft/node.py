@@ -99,6 +99,31 @@ class ProposalTimeoutError(NodeError):
     pass
 
 
+# Who waits for a proposal or a read: a future (a coroutine awaiting it), or a callback
+# called with (result, error) at once, from apply() itself: no loop turn lies between the
+# state machine and the client's answer.
+Done = Callable[[object, BaseException | None], None]
+Waiter = asyncio.Future | Done
+
+
+def settle(waiter: Waiter, result: object = None, error: BaseException | None = None) -> None:
+    if isinstance(waiter, asyncio.Future):
+        if not waiter.done():  # a caller that gave up cancelled it
+            if error is None:
+                waiter.set_result(result)
+            else:
+                waiter.set_exception(error)
+        return
+    try:
+        waiter(result, error)
+    except Exception:  # an answer that fails must not stop the member
+        log.exception("event=answer_failed")
+
+
+def waiting_for(waiter: Waiter) -> bool:
+    return not isinstance(waiter, asyncio.Future) or not waiter.done()
+
+
 
 class StoppedError(NodeError):
     pass
@@ -186,7 +211,7 @@ class RaftNode:
         self.applied = 0
         self.snapshot_index = 0
         self.seq = 0
-        self.waiting: dict[int, asyncio.Future] = {}
+        self.waiting: dict[int, Waiter] = {}
         # (deadline, seq) of proposals, checked on every tick: cheaper than a timer each.
         self.deadlines: list[tuple[float, int]] = []
         # Proposals of this loop turn, handed to the core as one batch: one append message
@@ -194,9 +219,9 @@ class RaftNode:
         self.queued: list[tuple[int, bytes]] = []
         # Reads as (future, deadline): those of this turn (or waiting for a leader), and the
         # ReadIndex rounds asked of the core: context -> (readers, when it counts as lost).
-        self.read_batch: list[tuple[asyncio.Future[int], float]] = []
-        self.reads: dict[bytes, tuple[list[tuple[asyncio.Future[int], float]], float]] = {}
-        self.applied_waiters: list[tuple[int, asyncio.Future[int], float]] = []
+        self.read_batch: list[tuple[Waiter, float]] = []
+        self.reads: dict[bytes, tuple[list[tuple[Waiter, float]], float]] = {}
+        self.applied_waiters: list[tuple[int, Waiter, float]] = []
         self.leader_changed = asyncio.Event()
         self.stopped = asyncio.Event()
         self.storage_error: str | None = None
@@ -364,15 +389,15 @@ class RaftNode:
         # Answered proposals leave their entry behind; drop those too, to keep the heap short.
         while deadlines and (deadlines[0][0] <= now or deadlines[0][1] not in waiting):
             _, seq = heapq.heappop(deadlines)
-            fut = self.waiting.pop(seq, None)
-            if fut is None or fut.done():
+            waiter = self.waiting.pop(seq, None)
+            if waiter is None:
                 continue
             if any(queued == seq for queued, _ in self.queued):
-                fut.set_exception(NoLeaderError(
+                settle(waiter, error=NoLeaderError(
                     "proposal: no leader (an election is under way or a majority of members"
                     " is unreachable); retry later"))
             else:
-                fut.set_exception(ProposalTimeoutError(
+                settle(waiter, error=ProposalTimeoutError(
                     "proposal timed out (leader lost or overloaded); it may or may not have"
                     " been applied"))
         if self.queued:
@@ -383,20 +408,18 @@ class RaftNode:
             self.read_batch.extend(self.reads.pop(ctx)[0])
         if self.read_batch and any(r[1] <= now for r in self.read_batch):
             no_leader = self.core is None or self.core.lead == 0
-            for fut, _ in [r for r in self.read_batch if r[1] <= now]:
-                if not fut.done():
-                    fut.set_exception(NoLeaderError(
-                        "read: no leader (an election is under way or a majority of members"
-                        " is unreachable); retry later") if no_leader
-                        else ProposalTimeoutError("linearizable read timed out"))
+            for waiter, _ in [r for r in self.read_batch if r[1] <= now]:
+                settle(waiter, error=NoLeaderError(
+                    "read: no leader (an election is under way or a majority of members"
+                    " is unreachable); retry later") if no_leader
+                    else ProposalTimeoutError("linearizable read timed out"))
             self.read_batch = [r for r in self.read_batch if r[1] > now]
         if self.applied_waiters and any(w[2] <= now for w in self.applied_waiters):
             late = [w for w in self.applied_waiters if w[2] <= now]
             self.applied_waiters = [w for w in self.applied_waiters if w[2] > now]
-            for index, fut, _ in late:
-                if not fut.done():
-                    fut.set_exception(ProposalTimeoutError(
-                        f"member did not apply up to {index} in time"))
+            for index, waiter, _ in late:
+                settle(waiter, error=ProposalTimeoutError(
+                    f"member did not apply up to {index} in time"))
 
     def flush_proposals(self) -> None:
         """Hand this turn's proposals to the core; without a leader they wait for one (or
@@ -547,9 +570,9 @@ class RaftNode:
             if e.type == EntryType.NORMAL and len(e.data) >= _ENVELOPE.size:
                 member, seq = _ENVELOPE.unpack_from(e.data)
                 if member == self.id:
-                    fut = self.waiting.pop(seq, None)
-                    if fut is not None and not fut.done():
-                        fut.set_exception(error)
+                    waiter = self.waiting.pop(seq, None)
+                    if waiter is not None:
+                        settle(waiter, error=error)
 
     def write_received_snapshot(self, snap: Snapshot) -> None:
         self.snapshots.save(snap)
@@ -581,17 +604,16 @@ class RaftNode:
                 member, seq = _ENVELOPE.unpack_from(e.data)
                 result = self.fsm.apply(e.index, e.data[_ENVELOPE.size:])
                 if member == self.id:
-                    fut = self.waiting.pop(seq, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(result)
+                    waiter = self.waiting.pop(seq, None)
+                    if waiter is not None:
+                        settle(waiter, result)
             self.applied = e.index
             self.stats["entries_applied"] += 1
         if rd.committed_entries and self.applied_waiters:
             ready = [w for w in self.applied_waiters if w[0] <= self.applied]
             self.applied_waiters = [w for w in self.applied_waiters if w[0] > self.applied]
-            for index, fut, _ in ready:
-                if not fut.done():
-                    fut.set_result(index)
+            for index, waiter, _ in ready:
+                settle(waiter, index)
 
     def apply_conf_change(self, cc: ConfChange) -> None:
         try:
@@ -619,9 +641,9 @@ class RaftNode:
                 self.force_snapshot = True
         self.sync_peers()
         if request[0] == self.id:
-            fut = self.waiting.pop(request[1], None)
-            if fut is not None and not fut.done():
-                fut.set_result(cc.node_id)
+            waiter = self.waiting.pop(request[1], None)
+            if waiter is not None:
+                settle(waiter, cc.node_id)
         if self.on_conf_change is not None:
             self.on_conf_change(dict(self.members))
 
@@ -722,15 +744,18 @@ class RaftNode:
     async def propose(self, payload: bytes, timeout: float | None = None) -> object:
         """Replicate payload and return what the state machine's apply() gave for it."""
         fut = self.submit(payload, timeout)
+        assert fut is not None
         try:
             return await fut
         finally:
             if not fut.done():
                 fut.cancel()  # our caller gave up; apply() will skip answering
 
-    def submit(self, payload: bytes, timeout: float | None = None) -> asyncio.Future[object]:
-        """`propose` without a coroutine: a future resolved by apply(), or failed at the
-        deadline (NoLeaderError, ProposalTimeoutError) or by stop()."""
+    def submit(self, payload: bytes, timeout: float | None = None, done: Done | None = None
+               ) -> asyncio.Future[object] | None:
+        """`propose` without a coroutine: ``done(result, error)`` is called from apply() (or
+        at the deadline with NoLeaderError or ProposalTimeoutError, or by stop()); without
+        ``done``, a future is returned and settled the same way."""
         if self.stopped.is_set():
             raise StoppedError("member stopped")
         if self.storage_error is not None:
@@ -740,8 +765,8 @@ class RaftNode:
         deadline = loop.time() + (timeout or self.config.request_timeout)
         self.seq += 1
         seq = self.seq
-        fut = loop.create_future()
-        self.waiting[seq] = fut
+        fut = loop.create_future() if done is None else None
+        self.waiting[seq] = done if fut is None else fut
         heapq.heappush(self.deadlines, (deadline, seq))
         self.queued.append((seq, _ENVELOPE.pack(self.id, seq) + payload))
         self.stats["proposals"] += 1
@@ -750,21 +775,26 @@ class RaftNode:
 
     async def read_index(self, timeout: float | None = None) -> int:
         """A linearizable read point: returns once this member has applied up to it."""
-        return await self.read_submit(timeout)
+        fut = self.read_submit(timeout)
+        assert fut is not None
+        return await fut
 
-    def read_submit(self, timeout: float | None = None) -> asyncio.Future[int]:
-        """`read_index` without a coroutine. Reads asked for in the same loop turn share one
-        ReadIndex round (one heartbeat to the followers), as etcd batches them."""
+    def read_submit(self, timeout: float | None = None, done: Done | None = None
+                    ) -> asyncio.Future[int] | None:
+        """`read_index` without a coroutine, answered like `submit`. Reads asked for in the
+        same loop turn share one ReadIndex round (one heartbeat to the followers), as etcd
+        batches them."""
         if self.stopped.is_set():
             raise StoppedError("member stopped")
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.read_batch.append((fut, loop.time() + (timeout or self.config.request_timeout)))
+        fut = loop.create_future() if done is None else None
+        deadline = loop.time() + (timeout or self.config.request_timeout)
+        self.read_batch.append((done if fut is None else fut, deadline))
         self.schedule()
         return fut
 
     def flush_reads(self) -> None:
-        batch = [r for r in self.read_batch if not r[0].done()]
+        batch = [r for r in self.read_batch if waiting_for(r[0])]
         self.read_batch = []
         if not batch:
             return
@@ -782,13 +812,13 @@ class RaftNode:
         asked = self.reads.pop(ctx, None)
         if asked is None:
             return
-        for fut, deadline in asked[0]:
-            if fut.done():
+        for waiter, deadline in asked[0]:
+            if not waiting_for(waiter):
                 continue
             if self.applied >= index:
-                fut.set_result(index)
+                settle(waiter, index)
             else:
-                self.applied_waiters.append((index, fut, deadline))
+                self.applied_waiters.append((index, waiter, deadline))
 
     async def change_membership(self, cc_type: int, node_id: int, member: Member | None = None,
                                 timeout: float | None = None) -> int:
@@ -854,14 +884,15 @@ class RaftNode:
         self.stopped.set()
         if self.ticker is not None:
             self.ticker.cancel()
-        reads = [fut for batch, _ in self.reads.values() for fut, _ in batch]
-        reads += [fut for fut, _ in self.read_batch]
-        for fut in list(self.waiting.values()) + reads:
-            if not fut.done():
-                fut.set_exception(StoppedError("member stopped"))
-        for _, fut, _ in self.applied_waiters:
-            if not fut.done():
-                fut.set_exception(StoppedError("member stopped"))
+        reads = [w for batch, _ in self.reads.values() for w, _ in batch]
+        reads += [w for w, _ in self.read_batch] + [w for _, w, _ in self.applied_waiters]
+        waiters = list(self.waiting.values()) + reads
+        self.waiting.clear()
+        self.reads.clear()
+        self.read_batch = []
+        self.applied_waiters = []
+        for waiter in waiters:
+            settle(waiter, error=StoppedError("member stopped"))
         if self.transport is not None:
             await self.transport.stop()
         if self.snapshotting is not None:
