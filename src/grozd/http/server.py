@@ -351,12 +351,14 @@ class HttpConnection(asyncio.Protocol):
             if self._expected > self.config.max_body_bytes:
                 self.server.rejected["body_size"] += 1
                 raise _Reject(_too_large_body(self._expected, self.config.max_body_bytes))
-        expects = self._headers.get("expect", "").lower() == "100-continue"
-        # Only when nothing is ahead of it: an interim answer must not cut into another.
-        busy = self._requests or self._responses or self._handling is not None
-        if expects and self.transport and not busy:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._arm(self.config.body_timeout, "body")
+        headers = self._headers
+        if "expect" in headers and headers["expect"].lower() == "100-continue":
+            # Only when nothing is ahead of it: an interim answer must not cut into another.
+            busy = self._requests or self._responses or self._handling is not None
+            if self.transport and not busy:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self._expected or "transfer-encoding" in headers:
+            self._arm(self.config.body_timeout, "body")
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -378,8 +380,9 @@ class HttpConnection(asyncio.Protocol):
                 path, query = parsed.path or b"/", parsed.query or b""
             except httptools.HttpParserInvalidURLError:
                 path, query = url, b""
+        method = self.parser.get_method()
         request = Request(
-            self.parser.get_method().decode("latin-1"),
+            _METHODS.get(method) or method.decode("latin-1"),
             path,
             query,
             self.parser.get_http_version(),
@@ -388,7 +391,7 @@ class HttpConnection(asyncio.Protocol):
             self._keep_alive,
             self,
         )
-        self._reset_message()
+        self._in_message = False  # the next message begins with a reset
         self._enqueue(request)
 
     # -- request/response pumps ----------------------------------------------------------
@@ -649,6 +652,7 @@ def _handler_failed(request: Request) -> Response:
                     b'{"message":"Internal Server Error"}')
 
 
+_METHODS = {m.encode(): m for m in ("GET", "PUT", "POST", "DELETE", "HEAD", "OPTIONS")}
 _status_lines: dict[tuple[bool, int], bytes] = {}
 
 
