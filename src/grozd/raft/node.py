@@ -1,9 +1,10 @@
 """A Raft member: drives the pure core with real time, disk and network, on one event loop.
 
-Each loop turn's worth of work becomes one Ready: one WAL append and one fdatasync for all of it
-(group commit), then the messages, then the committed entries applied to the state machine and
-the waiting proposals answered. A leader sends before its own fsync completes; the core counts the
-leader's copy only once it is persisted, so that is safe.
+Each loop turn's proposals reach the core as one batch, and each Ready is one WAL append and one
+fdatasync (group commit; the fdatasync on a thread that never takes the GIL). Committed entries
+are applied, and their clients answered, while the batch's fsync runs: they are on a majority's
+disks already. A follower's messages wait for the fsync; a leader's go out at once, since the
+core counts the leader's copy only once it is persisted.
 """
 
 from __future__ import annotations
