@@ -683,3 +683,94 @@ def test_a_failed_sync_reported_to_finish_rolls_the_batch_back(wal_dir: Path) ->
     wal.close()
     rec = reopen(wal_dir)
     assert rec.entries == ents(1, 1, 5) and rec.hard_state == HardState(1, 1, 4)
+
+
+# ---- zeros written ahead of the end --------------------------------------------------------
+
+PRE = 4096
+
+
+def log_end(data: bytes) -> int:
+    """Where the records of a segment end (zeros after them are preallocated space)."""
+    off = 0
+    while off + HDR.size <= len(data):
+        length, _, rtype = HDR.unpack_from(data, off)
+        if rtype == 0:
+            break
+        off += HDR.size + length
+    return off
+
+
+def copy_open(src: Path, dst: Path, **kw: int) -> tuple[WAL, Recovered]:
+    """Open a copy of a WAL's files as they are now: what a crash would leave."""
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return WAL.open(dst, **kw)
+
+
+def test_preallocated_space_is_kept_reused_and_trimmed_at_close(wal_dir: Path,
+                                                               tmp_path: Path) -> None:
+    wal = WAL.create(wal_dir, META, preallocate=PRE)
+    wal.save(HardState(1, 1, 0), ents(1, 1, 3))
+    seg = wal.segments[-1]
+    data = seg.read_bytes()
+    assert len(data) >= PRE and data.endswith(b"\0" * 64)  # zeros ahead of the end
+    # A crash now: the zeros are space, not damage, and appending goes on where the log ends.
+    crashed, rec = copy_open(wal_dir, tmp_path / "crashed", preallocate=PRE)
+    assert rec.entries == ents(1, 1, 3) and rec.repaired is None
+    assert crashed.segments[-1].stat().st_size == len(data)
+    crashed.save(HardState(1, 1, 3), ents(1, 4, 5))
+    crashed.close()
+    assert reopen(tmp_path / "crashed").entries == ents(1, 1, 5)
+    # Opened without preallocation, the same zeros are a repaired tail, as before.
+    _, plain = copy_open(wal_dir, tmp_path / "plain")
+    assert plain.repaired is not None and plain.repaired.reason == "zero-filled tail"
+    wal.save(HardState(1, 1, 5), ents(1, 4, 9))
+    wal.close()
+    data = seg.read_bytes()
+    assert log_end(data) == len(data)  # trimmed: a closed WAL ends with its log
+    rec = reopen(wal_dir)
+    assert rec.entries == ents(1, 1, 9) and rec.repaired is None
+
+
+def test_a_torn_record_in_preallocated_space_is_repaired(wal_dir: Path, tmp_path: Path) -> None:
+    wal = WAL.create(wal_dir, META, preallocate=PRE)
+    wal.save(HardState(1, 1, 0), ents(1, 1, 3))
+    seg = wal.segments[-1]
+    torn = bytearray(seg.read_bytes())
+    logical = log_end(bytes(torn))
+    half = record(RecordType.ENTRY, b"x" * 40)[:20]
+    torn[logical:logical + len(half)] = half  # half a record, then zeros
+    copy = tmp_path / "torn"
+    copy.mkdir()
+    for p in wal_dir.iterdir():
+        (copy / p.name).write_bytes(bytes(torn) if p.name == seg.name else p.read_bytes())
+    wal.close()
+    rec = reopen(copy, preallocate=PRE)
+    assert rec.entries == ents(1, 1, 3) and rec.repaired is not None
+    assert rec.repaired.offset == logical and rec.hard_state == HardState(1, 1, 0)
+
+
+def test_cut_segments_end_with_their_log(wal_dir: Path) -> None:
+    wal = WAL.create(wal_dir, META, segment_bytes=2048, preallocate=PRE)
+    for i in range(1, 60, 3):
+        wal.save(HardState(1, 1, i), ents(1, i, i + 2, size=64))
+    assert len(wal.segments) >= 3
+    for seg in wal.segments[:-1]:
+        data = seg.read_bytes()
+        assert log_end(data) == len(data)  # never ends in zeros
+    wal.close()
+    assert reopen(wal_dir, segment_bytes=2048).entries == ents(1, 1, 60, size=64)
+
+
+def test_preallocation_is_best_effort_on_a_full_disk(wal_dir: Path, monkeypatch) -> None:
+    wal = WAL.create(wal_dir, META, preallocate=PRE)
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    wal.save(HardState(1, 1, 0), ents(1, 1, 3))  # appended plainly
+    wal.close()
+    assert reopen(wal_dir).entries == ents(1, 1, 3)
