@@ -364,9 +364,7 @@ class Api:
                 self._remember(request, response, cache)
             except EtcdError as error:
                 response = self._error(error)
-            if self.config.cors:
-                response.headers[:0] = CORS_HEADERS
-            pending.answer(self._observed("GET", started, response))
+            pending.answer(self._answered_later("GET", started, response))
 
         try:
             self.backend.read_submit(answered)
@@ -378,6 +376,12 @@ class Api:
     def _observed(self, method: str, started: float, response: Response) -> Response:
         self.metrics.observe(method, response.status, time.perf_counter() - started)
         return response
+
+    def _answered_later(self, method: str, started: float, response: Response) -> Response:
+        """A fresh answer given through a Pending: what `__call__` adds to one given at once."""
+        if self.config.cors:
+            response.headers[:0] = CORS_HEADERS
+        return self._observed(method, started, response)
 
     def _local_read(self, params: KeysRequest) -> Response:
         event = self.store.get(
@@ -433,9 +437,7 @@ class Api:
             else:
                 response = self._error(EtcdError(
                     RAFT_INTERNAL, "received response with no Event/Watcher!", 0))
-            if self.config.cors:
-                response.headers[:0] = CORS_HEADERS
-            pending.answer(self._observed(params.method, started, response))
+            pending.answer(self._answered_later(params.method, started, response))
 
         try:
             self.backend.submit(command, self.config.request_timeout, answered)
