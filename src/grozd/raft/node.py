@@ -128,7 +128,6 @@ def waiting_for(waiter: Waiter) -> bool:
     return not isinstance(waiter, asyncio.Future) or not waiter.done()
 
 
-
 class StoppedError(NodeError):
     pass
 
@@ -385,10 +384,11 @@ class RaftNode:
             core.tick()
         loop = asyncio.get_running_loop()
         self.ticker = loop.call_later(self.config.heartbeat_interval_ms / 1000, self.tick)
-        self.expire_proposals(loop.time())
+        self.expire_waiters(loop.time())
         self.schedule()
 
-    def expire_proposals(self, now: float) -> None:
+    def expire_waiters(self, now: float) -> None:
+        """Fail the proposals and reads whose deadline has passed (checked on every tick)."""
         deadlines, waiting = self.deadlines, self.waiting
         # Answered proposals leave their entry behind; drop those too, to keep the heap short.
         while deadlines and (deadlines[0][0] <= now or deadlines[0][1] not in waiting):
