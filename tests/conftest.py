@@ -6,10 +6,29 @@ Tests that use it keep to key prefixes of their own, so they stay independent.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+import grozd
 from tests.realetcd import start_etcd
+
+
+def stale_compiled_modules(package: Path) -> list[str]:
+    """Compiled modules older than the .py beside them: they would run instead of the edit."""
+    stale = []
+    for compiled in package.rglob("*.so"):
+        source = compiled.with_name(compiled.name.split(".", 1)[0] + ".py")
+        if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
+            stale.append(str(source.relative_to(package.parent)))
+    return sorted(stale)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    stale = stale_compiled_modules(Path(grozd.__file__).parent)
+    if stale:
+        pytest.exit(f"compiled from older sources: {', '.join(stale)}; rebuild with "
+                    "`.venv/bin/pip install -e .`", returncode=4)
 
 
 @pytest.fixture(scope="session")

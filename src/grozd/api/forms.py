@@ -105,6 +105,8 @@ def parse_uint(text: str) -> int:
 
 def clean_url_path(path: str) -> str:
     """Go's ServeMux cleanPath: collapse //, . and .., keeping a trailing slash."""
+    if path.startswith("/") and "//" not in path and "/." not in path:
+        return path  # clean already (the usual case)
     if not path:
         return "/"
     if path[0] != "/":

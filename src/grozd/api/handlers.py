@@ -111,18 +111,26 @@ def check_urls(urls: Any) -> list[str]:
     return sorted(urls)
 
 
+_VALUE_ONLY = frozenset({"value"})
+
+
 class KeysRequest:
     """The parsed parameters of a /v2/keys request (etcd's parseKeyRequest)."""
 
-    __slots__ = (
-        "method", "key", "value", "dir", "prev_value", "prev_index", "prev_exist", "wait",
-        "wait_index", "recursive", "sorted", "quorum", "stream", "ttl", "refresh",
-        "no_value",
-    )  # fmt: skip
+    # What a request that names none of the parameters asks for.
+    value = prev_value = ""
+    prev_index = wait_index = 0
+    recursive = sorted = wait = dir = quorum = stream = no_value = refresh = False
+    ttl: int | None = None
+    prev_exist: bool | None = None
 
     def __init__(self, method: str, key: str, form: Form) -> None:
         self.method = method
         self.key = key
+        if form.keys() <= _VALUE_ONLY:  # most requests: every default holds
+            if form:
+                self.value = form["value"][0]
+            return
 
         def first(name: str) -> str | None:
             values = form.get(name)
@@ -162,13 +170,10 @@ class KeysRequest:
             raise EtcdError(PREV_VALUE_REQUIRED, '"prevValue" cannot be empty')
         self.prev_value = prev_value or ""
         self.no_value = flag("noValueOnSuccess")
-        self.ttl: int | None = None
         if first("ttl"):
             self.ttl = uint("ttl", TTL_NAN, 'invalid value for "ttl"')
-        self.prev_exist: bool | None = None
         if "prevExist" in form:
             self.prev_exist = flag("prevExist", "invalid value for prevExist")
-        self.refresh = False
         if "refresh" in form:
             self.refresh = flag("refresh", "invalid value for refresh")
             if self.refresh:

@@ -57,6 +57,9 @@ def ttl_seconds(expire_ns: int, now_ns: int) -> int:
 
 def clean_path(path: str) -> str:
     """Go's ``path.Clean(path.Join("/", path))``: the canonical absolute form of a key."""
+    if (path.startswith("/") and "//" not in path and "/." not in path
+            and (path == "/" or not path.endswith("/"))):
+        return path  # clean already (the usual case)
     out: list[str] = []
     for part in path.split("/"):
         if part == "" or part == ".":
