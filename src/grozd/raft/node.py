@@ -10,6 +10,7 @@ core counts the leader's copy only once it is persisted.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import heapq
 import json
@@ -51,6 +52,9 @@ _MAX_FD = 1 << 16
 # Zeros kept ahead of the WAL's end: an fdatasync of records written over them took 100 us
 # where one that also grew the file took 200 (measured on the machines this runs on).
 WAL_PREALLOCATE = 1 << 20
+# Entries freed per loop turn when the log is compacted after a snapshot: freeing 95,000 at
+# once held the loop for ~9 ms.
+COMPACT_STEP = 5000
 _ENVELOPE = struct.Struct(">QQ")  # proposing member, its sequence number; then the payload
 
 
@@ -680,8 +684,10 @@ class RaftNode:
             self.storage.create_snapshot(index, conf, snap.data)
             await asyncio.to_thread(self.mark_snapshot, snap)
             compact_to = index - self.config.snapshot_catchup_entries
-            if compact_to >= self.storage.first_index():
-                self.storage.compact(compact_to)
+            while compact_to >= self.storage.first_index():
+                self.storage.compact(min(compact_to,
+                                         self.storage.first_index() + COMPACT_STEP - 1))
+                await asyncio.sleep(0)
             self.stats["snapshots"] += 1
         except Exception:
             log.exception("event=snapshot_failed member=%x index=%d", self.id, index)
@@ -703,6 +709,7 @@ class RaftNode:
             code = 1
             try:
                 os.closerange(3, _MAX_FD)  # sockets stay the parent's alone
+                gc.disable()  # short-lived: collections here only walked the records it builds
                 os.nice(19)  # background work: never take a core from a member's loop
                 self.snapshots.save(Snapshot(index, term, conf, self.snapshot_state()))
                 code = 0
