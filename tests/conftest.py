@@ -1,6 +1,7 @@
 """Fixtures shared by the test packages: one real etcd 3.4 (v2 API on) for the whole session.
 
-Tests that use it keep to key prefixes of their own, so they stay independent.
+Tests that use it keep to key prefixes of their own, so they stay independent. A session does
+not start while a compiled module is older than its source (it would test the old code).
 """
 
 from __future__ import annotations

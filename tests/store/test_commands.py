@@ -130,6 +130,13 @@ def test_clean_path():
     assert clean_path("") == "/"
     assert clean_path("a//b/./c/..") == "/a/b"
     assert clean_path("/../x/") == "/x"
+    # Clean keys come back as they are; anything that only looks clean is cleaned.
+    for clean in ("/", "/a", "/a/b", "/a/.hidden", "/a/b.c", "/a..b"):
+        assert clean_path(clean) == clean
+    assert clean_path("/a/b/") == "/a/b"
+    assert clean_path("/a/b/.") == "/a/b"
+    assert clean_path("/a/b/..") == "/a"
+    assert clean_path("/a/./b") == "/a/b"
 
 
 def test_invalid_utf8_stays_byte_exact_and_shows_as_go_does():
