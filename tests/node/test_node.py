@@ -4,7 +4,9 @@ linearizable reads, membership, snapshots, and refusals of foreign clusters and 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,78 @@ def test_group_commit_batches_concurrent_proposals(tmp_path: Path) -> None:
             fsyncs = leader.stats["fsyncs"] - before
             assert len(set(results)) == 500
             assert fsyncs < 100, f"{fsyncs} fsyncs for 500 concurrent proposals"
+        finally:
+            await c.stop_all()
+
+    run(main())
+
+
+def test_followers_sync_on_the_loop_while_their_disk_is_quick(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """Followers fdatasync on their loop while syncs are quick; the leader always on its sync
+    thread (native code, which os.fdatasync below never sees), and so do followers while
+    their syncs are slow."""
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    async def main() -> None:
+        c = LocalCluster(tmp_path)
+        await c.start_all()
+        try:
+            leader = await c.leader()
+            followers = [m for m in c.nodes.values() if m is not leader]
+            await leader.propose(put("first", "v"))
+            synced.clear()  # the WALs' own creation and the election synced directly
+            for i in range(10):
+                await leader.propose(put(f"k{i}", "v"))
+            assert set(synced) == {f.wal._fd for f in followers}
+            assert leader.syncer is not None and all(f.syncer is None for f in followers)
+            for f in followers:
+                f.sync_average = 1.0  # a disk that took a second per sync lately
+            before = len(synced)
+            last = 0
+            for i in range(3):
+                last = await leader.propose(put(f"slow{i}", "v"))
+            await c.converge(last)
+            assert len(synced) == before
+            assert all(f.syncer is not None for f in followers)
+            assert all(f.sync_average < 1.0 for f in followers)  # quick syncs count too
+        finally:
+            await c.stop_all()
+
+    run(main())
+
+
+def test_a_follower_whose_inline_sync_fails_retries_and_loses_nothing(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    failures = 1
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    async def main() -> None:
+        c = LocalCluster(tmp_path)
+        await c.start_all()
+        try:
+            leader = await c.leader()
+            await leader.propose(put("before", "v"))
+            monkeypatch.setattr(os, "fdatasync", fdatasync)
+            last = await leader.propose(put("during", "v"))
+            await c.converge(last)
+            assert failures == 0
+            for m in c.nodes.values():
+                assert m.fsm.data["during"] == "v" and m.storage_error is None
         finally:
             await c.stop_all()
 
