@@ -426,7 +426,7 @@ class HttpConnection(asyncio.Protocol):
                 except Exception:
                     answer = _handler_failed(request)
                 if isinstance(answer, Pending):
-                    early = answer._bind(partial(self._pending_answered, request))
+                    early = answer._bind(partial(self._answered, request))
                     if early is None:
                         self._handling = answer
                         return
@@ -445,14 +445,11 @@ class HttpConnection(asyncio.Protocol):
             raise
         except Exception:
             response = _handler_failed(request)
-        self._handling = None
-        if self._closed:
-            response.release()
-            return
-        self._respond(request, response)
-        self._pump()
+        self._answered(request, response)
 
-    def _pending_answered(self, request: Request, response: Response) -> None:
+    def _answered(self, request: Request, response: Response) -> None:
+        """The answer to the request being handled came (from a Pending or an awaited
+        handler): send it, then go on with the queue."""
         self._handling = None
         if self._closed:
             response.release()
